@@ -1,0 +1,182 @@
+"""The public API: ``Orchestrator``.
+
+    orch = Orchestrator.from_config("arith/specreason")
+    result = orch.solve("12 + 7 - 3")                 # sync
+    result = await orch.asolve("12 + 7 - 3")          # async
+    async for event in orch.stream("12 + 7 - 3"): ... # step events as they happen
+    results = orch.solve_batch(problems, concurrency=16)
+
+Workers start on first use and are shared by every request of the orchestrator;
+concurrent requests are batched inside the backends. Use either the sync or the
+async API on one instance: the sync API runs its own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+
+from orchestrator.config import RunConfig, load_config
+from orchestrator.pool import start_workers
+from orchestrator.prompting import Messages, problem_text, prompt_ids, to_messages
+from orchestrator.session import Event, ModelHandle, Result, Session
+from policies import build_policy
+from workers.protocol import GenParams, WorkerStats
+
+
+class Orchestrator:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.policy = build_policy(config.policy)
+        self.models: dict[str, ModelHandle] = {}
+        self._start_lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def from_config(cls, name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Orchestrator:
+        return cls(load_config(name_or_path, overrides))
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.name
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.models:
+                return
+            roles = tuple(r for r in ("small", "mid", "large") if r in self.policy.roles)
+            workers = await start_workers(self.config, roles)
+            models = {}
+            for role, worker in workers.items():
+                info = await worker.info()
+                tok = AutoTokenizer.from_pretrained(self.config.models[role].resolved_path())
+                models[role] = ModelHandle(role, worker, tok, info.eos_token_id, info.vocab_fingerprint)
+            try:
+                self.policy.check(models)
+            except BaseException:
+                for h in models.values():
+                    await h.worker.close()
+                raise
+            self.models = models
+
+    async def aclose(self) -> None:
+        models, self.models = self.models, {}
+        for h in models.values():
+            await h.worker.close()
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.run_until_complete(self.aclose())
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Orchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------ requests
+
+    def _session(self, problem: str | Messages, id: str | None, seed: int | None,
+                 max_tokens: int | None, events: asyncio.Queue | None) -> Session:
+        s = self.config.sampling
+        msgs = to_messages(problem, self.config.prompt.instruction, self.config.prompt.system)
+        base_seed = s.seed if seed is None else seed
+        if id is not None:
+            base_seed = base_seed * 7919 + zlib.crc32(id.encode())
+        return Session(
+            problem=problem_text(problem),
+            models=self.models,
+            prompt_ids={role: prompt_ids(h.tokenizer, msgs) for role, h in self.models.items()},
+            params=GenParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens),
+            max_tokens=max_tokens or s.max_tokens,
+            id=id,
+            seed=base_seed,
+            events=events,
+        )
+
+    async def asolve(self, problem: str | Messages, id: str | None = None, seed: int | None = None,
+                     max_tokens: int | None = None) -> Result:
+        await self.start()
+        session = self._session(problem, id, seed, max_tokens, None)
+        await self.policy.run(session)
+        return session.result(self.policy.name)
+
+    async def stream(self, problem: str | Messages, id: str | None = None, seed: int | None = None,
+                     max_tokens: int | None = None) -> AsyncIterator[Event]:
+        """Step events as the policy produces them, then one ``done`` event with the result."""
+        await self.start()
+        events: asyncio.Queue = asyncio.Queue()
+        session = self._session(problem, id, seed, max_tokens, events)
+        task = asyncio.create_task(self.policy.run(session))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                task.result()  # re-raise a policy error
+                yield Event(type="done", result=session.result(self.policy.name))
+                return
+        finally:
+            if not task.done():  # the consumer went away: stop the work
+                task.cancel()
+
+    async def asolve_batch(self, problems: Iterable[str | Messages], concurrency: int = 8,
+                           ids: Iterable[str] | None = None) -> list[Result]:
+        await self.start()
+        sem = asyncio.Semaphore(concurrency)
+        problems = list(problems)
+        ids = list(ids) if ids is not None else [None] * len(problems)
+
+        async def one(p: str | Messages, i: str | None) -> Result:
+            async with sem:
+                return await self.asolve(p, id=i)
+
+        return await asyncio.gather(*(one(p, i) for p, i in zip(problems, ids)))
+
+    async def stats(self) -> dict[str, WorkerStats]:
+        return {role: await h.worker.stats() for role, h in self.models.items()}
+
+    # ------------------------------------------------------------ sync API
+
+    def _run(self, coro: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            coro.close()
+            raise RuntimeError("called the sync API inside an event loop; use `await orch.asolve(...)` instead")
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coro)
+
+    def solve(self, problem: str | Messages, id: str | None = None, seed: int | None = None,
+              max_tokens: int | None = None) -> Result:
+        return self._run(self.asolve(problem, id=id, seed=seed, max_tokens=max_tokens))
+
+    def solve_batch(self, problems: Iterable[str | Messages], concurrency: int = 8,
+                    ids: Iterable[str] | None = None) -> list[Result]:
+        return self._run(self.asolve_batch(problems, concurrency=concurrency, ids=ids))

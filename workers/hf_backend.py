@@ -1,0 +1,492 @@
+"""The transformers backend: any causal LM on CPU or GPU, with KV reuse and batching.
+
+One engine thread owns the model. Requests from any number of coroutines are
+queued to it; it serves them in shared forward passes:
+
+- **prefill batch**: every newly arrived request (generate, score, judge) is
+  matched against the prefix cache, and only its uncached tokens are fed, all
+  requests in one padded forward pass (left padding inside the cache and the new
+  tokens, per-row position ids);
+- **decode rounds**: active generations are stacked into one batched KV cache and
+  decoded together for up to ``round_steps`` steps, or until all stop; new
+  arrivals join at the next round, so stacking costs are paid once per round.
+
+Finished sequences leave their KV in the prefix cache, so the next call of the
+same session (the next reasoning step, a judge prompt over the same context)
+pays only for its new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache
+
+from workers.prefix_cache import KV, PrefixCache
+from workers.protocol import Generation, GenParams, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def vocab_fingerprint(tokenizer: Any) -> str:
+    """Stable id of a vocabulary: token-level policies need identical ones."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def load_tokenizer(path: str) -> Any:
+    return AutoTokenizer.from_pretrained(path)
+
+
+@dataclass(eq=False)
+class _Request:
+    kind: Literal["generate", "score", "next"]
+    ids: list[int]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    params: GenParams | None = None
+    n_prefix: int = 0
+    top_k: int = 0
+    entropies: bool = False
+    full_dists: bool = False
+    full_next: bool = False
+    candidates: list[int] = field(default_factory=list)
+    # runtime state
+    kv: KV | None = None
+    cached: int = 0
+    source: int | None = None
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    rng: torch.Generator | None = None
+    forward_passes: int = 0
+    done: bool = False
+    finish: tuple[str, str | None] = ("length", None)
+    cancelled: bool = False
+
+    def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
+        def _set() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
+
+        self.loop.call_soon_threadsafe(_set)
+
+
+class HFWorker:
+    """Worker protocol on a transformers model."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        kv_cache_tokens: int = 200_000,
+        max_batch_size: int = 64,
+        round_steps: int = 16,
+        speculative: Any = None,
+    ):
+        path = Path(model_path)
+        if not path.exists() and (model_path.startswith((".", "/")) or model_path.count("/") != 1):
+            raise FileNotFoundError(f"model folder {model_path} does not exist")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        torch_dtype = _DTYPES.get(dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.model_path = model_path
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = self._eos_ids()
+        self.cache = PrefixCache(kv_cache_tokens)
+        self.max_batch_size = max_batch_size
+        self.round_steps = round_steps
+        self._stats = WorkerStats()
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.speculator = None
+        if speculative is not None and getattr(speculative, "method", None):
+            from workers.hf_speculation import make_speculator
+
+            self.speculator = make_speculator(speculative, self)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        cfg = self.model.generation_config
+        for src in (cfg.eos_token_id if cfg is not None else None, self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(src)
+        return ids
+
+    # ---------------------------------------------------------------- protocol
+
+    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
+        if not prompt_ids:
+            raise WorkerError("generate needs a non-empty prompt")
+        req = await self._submit(_Request("generate", list(prompt_ids), *self._future(), params=params))
+        return req
+
+    async def score(
+        self,
+        prefix_ids: list[int],
+        continuation_ids: list[int],
+        top_k: int = 0,
+        entropies: bool = False,
+        full_dists: bool = False,
+        full_next: bool = False,
+    ) -> Scores:
+        if not prefix_ids:
+            raise WorkerError("score needs a non-empty prefix")
+        req = _Request(
+            "score", list(prefix_ids) + list(continuation_ids), *self._future(), n_prefix=len(prefix_ids),
+            top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next,
+        )
+        return await self._submit(req)
+
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]:
+        if not prefix_ids:
+            raise WorkerError("next_token_logprobs needs a non-empty prefix")
+        req = _Request("next", list(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates))
+        return await self._submit(req)
+
+    async def info(self) -> WorkerInfo:
+        cfg = self.model.config
+        return WorkerInfo(
+            model_id=self.model_path,
+            backend="hf",
+            device=str(self.device),
+            vocab_size=len(self.tokenizer),
+            vocab_fingerprint=vocab_fingerprint(self.tokenizer),
+            context_length=getattr(cfg, "max_position_embeddings", 2048),
+            eos_token_id=min(self.eos_ids) if self.eos_ids else None,
+        )
+
+    async def stats(self) -> WorkerStats:
+        return self._stats.model_copy()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self.cache.clear()
+
+    # ---------------------------------------------------------------- plumbing
+
+    @staticmethod
+    def _future() -> tuple[asyncio.Future, asyncio.AbstractEventLoop]:
+        loop = asyncio.get_running_loop()
+        return loop.create_future(), loop
+
+    async def _submit(self, req: _Request) -> Any:
+        if self._closed:
+            raise WorkerError("worker is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._engine, name=f"hf-engine:{self.model_path}", daemon=True)
+            self._thread.start()
+        self._queue.put(req)
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            req.cancelled = True
+            raise
+
+    def _engine(self) -> None:
+        active: list[_Request] = []
+        with torch.inference_mode():
+            while True:
+                incoming: list[_Request] = []
+                if not active:
+                    item = self._queue.get()  # blocks: no busy loop when idle
+                    if item is None:
+                        return
+                    incoming.append(item)
+                while len(incoming) + len(active) < self.max_batch_size:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        self._fail(active + incoming, WorkerError("worker closed"))
+                        return
+                    incoming.append(item)
+                incoming = [r for r in incoming if not r.cancelled]
+                t0 = time.perf_counter()
+                if incoming:
+                    try:
+                        active.extend(self._prefill(incoming))
+                    except Exception as e:  # a bad batch fails its requests, the engine goes on
+                        self._fail(incoming, WorkerError(f"prefill failed: {e!r}"))
+                active = [r for r in active if not r.cancelled]
+                if active:
+                    try:
+                        active = self._decode_round(active)
+                    except Exception as e:
+                        self._fail(active, WorkerError(f"decode failed: {e!r}"))
+                        active = []
+                self._stats.busy_s += time.perf_counter() - t0
+
+    @staticmethod
+    def _fail(reqs: list[_Request], error: BaseException) -> None:
+        for r in reqs:
+            r.resolve(error=error)
+
+    # ---------------------------------------------------------------- forward
+
+    def _forward(self, rows: list[tuple[KV | None, list[int]]]) -> tuple[list[torch.Tensor], list[KV]]:
+        """One padded forward over rows of (cached KV, new tokens).
+
+        Returns per row the logits of its new tokens and its updated KV.
+        """
+        pasts = [0 if kv is None else kv[0][0].shape[2] for kv, _ in rows]
+        news = [len(ids) for _, ids in rows]
+        P, N, B = max(pasts), max(news), len(rows)
+        dev = self.device
+        input_ids = torch.full((B, N), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((B, N), dtype=torch.long)
+        mask = torch.zeros((B, P + N), dtype=torch.long)
+        for i, ((_, ids), p, n) in enumerate(zip(rows, pasts, news)):
+            input_ids[i, N - n :] = torch.tensor(ids)
+            positions[i, N - n :] = torch.arange(p, p + n)
+            mask[i, P - p : P] = 1
+            mask[i, P + N - n :] = 1
+        cache = DynamicCache()
+        if P > 0:
+            n_layers = len(next(kv for kv, _ in rows if kv is not None))
+            stacked = []
+            for layer in range(n_layers):
+                ks, vs = [], []
+                for (kv, _), p in zip(rows, pasts):
+                    if kv is None:
+                        ref = next(kv for kv, _ in rows if kv is not None)[layer][0]
+                        k = v = ref.new_zeros((1, ref.shape[1], P, ref.shape[3]))
+                    else:
+                        k, v = kv[layer]
+                        if p < P:
+                            pad = k.new_zeros((1, k.shape[1], P - p, k.shape[3]))
+                            k, v = torch.cat([pad, k], 2), torch.cat([pad, v], 2)
+                    ks.append(k)
+                    vs.append(v)
+                stacked.append((torch.cat(ks, 0), torch.cat(vs, 0)))
+            cache = DynamicCache(ddp_cache_data=stacked)
+        out = self.model(
+            input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+            past_key_values=cache, use_cache=True,
+        )
+        self._stats.forward_passes += 1
+        logits = out.logits.float()
+        layers = out.past_key_values.layers
+        new_kvs: list[KV] = []
+        for i, (p, n) in enumerate(zip(pasts, news)):
+            if B == 1 and p == P and n == N:
+                new_kvs.append([(lay.keys, lay.values) for lay in layers])
+            else:
+                keep = mask[i].bool().to(dev)
+                new_kvs.append([(lay.keys[i : i + 1][:, :, keep], lay.values[i : i + 1][:, :, keep]) for lay in layers])
+        return [logits[i, N - n :] for i, n in enumerate(news)], new_kvs
+
+    # ---------------------------------------------------------------- prefill
+
+    def _prefill(self, reqs: list[_Request]) -> list[_Request]:
+        rows = []
+        for r in reqs:
+            # the last prompt token (or, for scoring, the last prefix token) must be fed to get its logits
+            need_from = (r.n_prefix if r.kind == "score" else len(r.ids)) - 1
+            cached, kv, eid = self.cache.lookup(r.ids)
+            cached = min(cached, need_from)
+            if kv is not None and cached < kv[0][0].shape[2]:
+                kv = [(k[:, :, :cached], v[:, :, :cached]) for k, v in kv] if cached > 0 else None
+            r.kv, r.cached, r.source = kv, cached, eid
+            rows.append((kv, r.ids[cached:]))
+            self._stats.requests += 1
+            self._stats.prompt_tokens += len(r.ids) if r.kind != "score" else r.n_prefix
+            self._stats.cached_prompt_tokens += cached
+        logits, kvs = self._forward(rows)
+        still_active = []
+        for r, lg, kv in zip(reqs, logits, kvs):
+            r.kv = kv
+            r.forward_passes += 1
+            self.cache.put(r.ids, kv, replaces=r.source)
+            if r.kind == "next":
+                lp = torch.log_softmax(lg[-1], -1)
+                r.resolve({c: float(lp[c]) for c in r.candidates})
+            elif r.kind == "score":
+                r.resolve(self._scores(r, lg))
+            else:
+                r.rng = self._rng(r.params)
+                self._accept_token(r, lg[-1])
+                if r.done:
+                    self._finish(r)
+                else:
+                    still_active.append(r)
+        return still_active
+
+    def _scores(self, r: _Request, lg: torch.Tensor) -> Scores:
+        # lg[j] predicts ids[cached + j + 1]; continuation token t sits at ids[n_prefix + t]
+        first = r.n_prefix - 1 - r.cached
+        cont = torch.tensor(r.ids[r.n_prefix :], dtype=torch.long, device=lg.device)
+        lp = torch.log_softmax(lg[first : first + len(cont)], -1)
+        out = Scores(
+            logprobs=lp.gather(1, cont[:, None])[:, 0].tolist() if len(cont) else [],
+            prompt_tokens=r.n_prefix,
+            cached_prompt_tokens=r.cached,
+        )
+        self._stats.scored_tokens += len(cont)
+        if r.top_k:
+            vals, idx = lp.topk(r.top_k, -1)
+            out.top = [dict(zip(i.tolist(), v.tolist())) for i, v in zip(idx, vals)]
+        if r.entropies:
+            out.entropies = (-(lp.exp() * lp).sum(-1)).tolist()
+        if r.full_dists:
+            out.dists = lp.tolist()
+        if r.full_next:
+            out.next_logprobs = torch.log_softmax(lg[first + len(cont)], -1).tolist()
+        return out
+
+    # ---------------------------------------------------------------- decode
+
+    def _rng(self, params: GenParams) -> torch.Generator | None:
+        if params.greedy or params.seed is None:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(params.seed)
+        return g
+
+    def _sample(self, r: _Request, logits: torch.Tensor) -> int:
+        p = r.params
+        if p.greedy:
+            return int(logits.argmax())
+        x = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(x, min(p.top_k, x.shape[-1])).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            cum = torch.softmax(sorted_x, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_x, -1) > p.top_p
+            x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
+        return int(torch.multinomial(torch.softmax(x, -1), 1, generator=r.rng))
+
+    def _accept_token(self, r: _Request, logits: torch.Tensor) -> None:
+        """Sample the next token of ``r`` and decide whether it is finished."""
+        tok = self._sample(r, logits)
+        r.generated.append(tok)
+        self._stats.generated_tokens += 1
+        if r.params.logprobs is not None:
+            lp = torch.log_softmax(logits, -1)
+            top = {}
+            if r.params.logprobs > 0:
+                vals, idx = lp.topk(r.params.logprobs)
+                top = dict(zip(idx.tolist(), vals.tolist()))
+            r.logprobs.append(TokenLogprob(token_id=tok, logprob=float(lp[tok]), top=top))
+        if tok in self.eos_ids:
+            r.done, r.finish = True, ("eos", None)
+        elif r.params.stop and (hit := self._stop_hit(r)) is not None:
+            r.done, r.finish = True, ("stop", hit)
+        elif len(r.generated) >= r.params.max_tokens:
+            r.done, r.finish = True, ("length", None)
+
+    def _stop_hit(self, r: _Request) -> str | None:
+        longest = max(len(s) for s in r.params.stop)
+        tail = self.tokenizer.decode(r.generated[-(longest + 2) :], skip_special_tokens=True)
+        hits = [s for s in r.params.stop if s in tail]
+        return min(hits, key=tail.find) if hits else None
+
+    def _decode_round(self, active: list[_Request]) -> list[_Request]:
+        rows = [(r.kv, [r.generated[-1]]) for r in active]
+        # first step builds the stacked cache; later steps extend it in place of re-stacking
+        logits, kvs = None, None
+        B = len(active)
+        pasts = [r.kv[0][0].shape[2] for r in active]
+        P = max(pasts)
+        stacked = []
+        for layer in range(len(active[0].kv)):
+            ks, vs = [], []
+            for r, p in zip(active, pasts):
+                k, v = r.kv[layer]
+                if p < P:
+                    pad = k.new_zeros((1, k.shape[1], P - p, k.shape[3]))
+                    k, v = torch.cat([pad, k], 2), torch.cat([pad, v], 2)
+                ks.append(k)
+                vs.append(v)
+            stacked.append((torch.cat(ks, 0), torch.cat(vs, 0)) if B > 1 else (ks[0], vs[0]))
+        cache = DynamicCache(ddp_cache_data=stacked)
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for i, p in enumerate(pasts):
+            mask[i, P - p :] = 1
+        lengths = torch.tensor(pasts)
+        alive = torch.ones(B, dtype=torch.long)
+        dev = self.device
+        del rows, logits, kvs
+        steps = 0
+        while True:
+            tokens = torch.tensor([[r.generated[-1]] for r in active])
+            mask = torch.cat([mask, alive[:, None]], 1)
+            out = self.model(
+                input_ids=tokens.to(dev), attention_mask=mask.to(dev), position_ids=lengths[:, None].to(dev),
+                past_key_values=cache, use_cache=True,
+            )
+            self._stats.forward_passes += 1
+            cache = out.past_key_values
+            lengths = lengths + alive
+            logits = out.logits[:, -1].float()
+            for i, r in enumerate(active):
+                if alive[i]:
+                    r.forward_passes += 1
+                    self._accept_token(r, logits[i])
+                    if r.done or r.cancelled:
+                        alive[i] = 0
+            steps += 1
+            if not alive.any() or (steps >= self.round_steps and not self._queue.empty()) or steps >= 4 * self.round_steps:
+                break
+        still = []
+        layers = cache.layers
+        for i, r in enumerate(active):
+            keep = mask[i].bool().to(dev)
+            r.kv = [(lay.keys[i : i + 1][:, :, keep], lay.values[i : i + 1][:, :, keep]) for lay in layers]
+            if r.cancelled:
+                continue
+            if r.done:
+                self._finish(r)
+            else:
+                still.append(r)
+        return still
+
+    def _finish(self, r: _Request) -> None:
+        covered = r.ids + r.generated[:-1]  # the last sampled token has no KV yet
+        self.cache.put(covered, r.kv, replaces=r.source)
+        r.kv = None
+        reason, stop = r.finish
+        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        if stop is not None:
+            cut = text.find(stop)
+            text = text[: cut + (len(stop) if r.params.include_stop_str_in_output else 0)]
+        r.resolve(
+            Generation(
+                token_ids=r.generated,
+                text=text,
+                finish_reason=reason,
+                stop_reason=stop,
+                logprobs=r.logprobs if r.params.logprobs is not None else None,
+                prompt_tokens=len(r.ids),
+                cached_prompt_tokens=r.cached,
+                forward_passes=r.forward_passes,
+            )
+        )

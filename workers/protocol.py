@@ -1,0 +1,117 @@
+"""The Worker protocol: one model behind one backend, spoken in token ids.
+
+Messages are pydantic models so that they cross a Ray boundary unchanged. Every
+backend (transformers, vLLM, a Ray actor wrapping either) implements `Worker`;
+policies see nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenParams(_Msg):
+    """How to continue a token sequence (the subset of vLLM's SamplingParams we rely on)."""
+
+    max_tokens: int = Field(256, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = disabled")
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, description="top-k logprobs per generated token; 0 = sampled token only")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+class TokenLogprob(_Msg):
+    token_id: int
+    logprob: float
+    top: dict[int, float] = Field(default_factory=dict)
+
+
+class Generation(_Msg):
+    token_ids: list[int]
+    text: str
+    finish_reason: Literal["stop", "length", "eos"]
+    stop_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    forward_passes: int = 0
+
+
+class Scores(_Msg):
+    """Per continuation token: the model's log-probability given everything before it.
+
+    ``next_logprobs`` is the log-distribution after the last continuation token
+    when asked (``full_next=True``): lossless verification needs it for the bonus token.
+    """
+
+    logprobs: list[float]
+    top: list[dict[int, float]] | None = None
+    entropies: list[float] | None = None
+    dists: list[list[float]] | None = None
+    next_logprobs: list[float] | None = None
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+class WorkerInfo(_Msg):
+    model_id: str
+    backend: str
+    device: str
+    vocab_size: int
+    vocab_fingerprint: str
+    context_length: int
+    eos_token_id: int | None = None
+
+
+class WorkerStats(_Msg):
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    scored_tokens: int = 0
+    forward_passes: int = 0
+    requests: int = 0
+    busy_s: float = 0.0
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+
+@runtime_checkable
+class Worker(Protocol):
+    """What a policy may ask of a model. All methods are coroutines."""
+
+    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation: ...
+
+    async def score(
+        self,
+        prefix_ids: list[int],
+        continuation_ids: list[int],
+        top_k: int = 0,
+        entropies: bool = False,
+        full_dists: bool = False,
+        full_next: bool = False,
+    ) -> Scores: ...
+
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]: ...
+
+    async def info(self) -> WorkerInfo: ...
+
+    async def stats(self) -> WorkerStats: ...
+
+    async def close(self) -> None: ...
+
+
+class WorkerError(RuntimeError):
+    """A worker could not serve a request (crashed, shut down, bad input)."""
