@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, Field
 
 from orchestrator.answer import final_answer
@@ -128,7 +129,14 @@ class Session:
     finished: bool = False
     events: asyncio.Queue | None = None
     _calls: int = 0
+    _rng: torch.Generator | None = None
     _t0: float = field(default_factory=time.perf_counter)
+
+    def generator(self) -> torch.Generator:
+        """The request's own RNG for policy-side sampling (seeded: runs are reproducible)."""
+        if self._rng is None:
+            self._rng = torch.Generator().manual_seed(self.seed)
+        return self._rng
 
     # ------------------------------------------------------------ token views
 

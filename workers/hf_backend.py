@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
 
 from workers.prefix_cache import KV, PrefixCache
+from workers.sampling import sampling_probs
 from workers.protocol import Generation, GenParams, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -373,16 +374,8 @@ class HFWorker:
         p = r.params
         if p.greedy:
             return int(logits.argmax())
-        x = logits / p.temperature
-        if p.top_k:
-            kth = torch.topk(x, min(p.top_k, x.shape[-1])).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_x, order = torch.sort(x, descending=True)
-            cum = torch.softmax(sorted_x, -1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_x, -1) > p.top_p
-            x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-        return int(torch.multinomial(torch.softmax(x, -1), 1, generator=r.rng))
+        probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
+        return int(torch.multinomial(probs, 1, generator=r.rng))
 
     def _accept_token(self, r: _Request, logits: torch.Tensor) -> None:
         """Sample the next token of ``r`` and decide whether it is finished."""

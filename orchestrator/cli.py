@@ -1,0 +1,145 @@
+"""The ``reasonspec`` command line: run, eval, bench, report, serve.
+
+The CLI is the application layer on top of everything (it may import evals);
+the library layers keep their one-way dependencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from orchestrator.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reasoning-level speculation orchestrator.")
+console = Console()
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="config name (arith/specreason) or YAML path")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="dotted override, e.g. models.large.backend=vllm")]
+
+
+def _load(config: str, overrides: list[str] | None):
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+AUTHOR_STYLE = {"small": "cyan", "large": "magenta", "mid": "yellow"}
+
+
+@app.command()
+def run(
+    problem: Annotated[str, typer.Argument(help="the problem text")],
+    config: ConfigOpt = "arith/specreason",
+    set: SetOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the whole result as JSON")] = False,
+) -> None:
+    """Solve one problem and show who wrote each step."""
+    from orchestrator.core import Orchestrator
+
+    cfg = _load(config, set)
+    with Orchestrator(cfg) as orch:
+        result = orch.solve(problem)
+    if json_out:
+        print(result.model_dump_json(indent=1))
+        return
+    for seg in result.segments:
+        style = AUTHOR_STYLE.get(seg.author, "white")
+        mark = "" if seg.accepted else " [dim](rejected)[/dim]"
+        score = f" score={seg.score:.1f}" if seg.score is not None else ""
+        console.print(f"[{style}][{seg.author} {seg.kind}{score}][/{style}]{mark} {seg.text!r}")
+    m = result.metrics
+    console.print(f"[bold]answer:[/bold] {result.answer}   wall {m.wall_s:.2f}s   tokens {m.tokens}   "
+                  f"accepted {m.accepted}/{m.proposed}")
+
+
+@app.command("eval")
+def eval_cmd(
+    config: ConfigOpt,
+    dataset: Annotated[Optional[str], typer.Option(help="arith | math500 | aime24 | aime25 | jsonl")] = None,
+    dataset_path: Annotated[Optional[Path], typer.Option(help="local JSONL file")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1)] = None,
+    concurrency: Annotated[Optional[int], typer.Option(min=1)] = None,
+    samples: Annotated[Optional[int], typer.Option(min=1, help="seeded samples per problem (pass@1 over k)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="result folder (default runs/<config name>)")] = None,
+    resume: Annotated[bool, typer.Option(help="skip problems already in OUT/results.jsonl")] = False,
+    set: SetOpt = None,
+) -> None:
+    """Evaluate a config on a dataset: results.jsonl, summary.json, summary.md, a table."""
+    from evals.datasets import load_dataset
+    from evals.runner import print_summary, run_eval
+    from orchestrator.core import Orchestrator
+
+    cfg = _load(config, set)
+    e = cfg.eval
+    e.dataset = dataset or e.dataset
+    e.dataset_path = str(dataset_path) if dataset_path else e.dataset_path
+    e.limit = limit or e.limit
+    e.concurrency = concurrency or e.concurrency
+    e.samples = samples or e.samples
+    out_dir = out or Path(e.out or f"runs/{cfg.name}")
+    problems = load_dataset(e.dataset, path=e.dataset_path, split=e.split, limit=e.limit, fields=e.fields or None)
+
+    async def main() -> dict:
+        orch = Orchestrator(cfg)
+        try:
+            return await run_eval(orch, problems, out_dir, concurrency=e.concurrency, samples=e.samples, resume=resume)
+        finally:
+            await orch.aclose()
+
+    summary = asyncio.run(main())
+    print_summary(summary)
+    console.print(f"results in {out_dir}")
+
+
+@app.command()
+def bench(
+    configs: Annotated[list[str], typer.Option("--configs", help="configs to compare; the first is the baseline")],
+    dataset: str = "arith",
+    dataset_path: Annotated[Optional[Path], typer.Option()] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+    concurrency: Annotated[int, typer.Option(min=1)] = 1,
+    out: Annotated[Path, typer.Option()] = Path("runs/bench"),
+    set: SetOpt = None,
+) -> None:
+    """The same problems through several configs: one table, bench.json/md/png."""
+    from evals.report import run_bench
+
+    for c in configs:
+        _load(c, set)  # fail fast on any bad config before running the first one
+    rows = asyncio.run(run_bench(configs, dataset, limit, concurrency, out, set, dataset_path=dataset_path))
+    console.print(f"{len(rows)} configs compared; see {out}/bench.md")
+
+
+@app.command()
+def report(dirs: Annotated[list[Path], typer.Argument(help="eval result folders")],
+           out: Annotated[Optional[Path], typer.Option()] = None) -> None:
+    """Rebuild tables and plots from result folders."""
+    from evals.report import build_report
+
+    rows = build_report(dirs, out)
+    console.print_json(json.dumps(rows))
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = "arith/specreason",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    set: SetOpt = None,
+) -> None:
+    """An OpenAI-compatible endpoint (/v1/chat/completions, /v1/models, /health)."""
+    from orchestrator.server import serve as serve_app
+
+    serve_app(_load(config, set), host=host, port=port)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,112 @@
+"""Speculative Thinking (Yang et al., 2025): the large model takes over at reflection points.
+
+The small model writes up to each delimiter (``\\n\\n``), then probes ``n1``
+tokens. The probe is classified by cue words: more affirmation than reflection
+cues is an affirmation, otherwise any cue is a reflection (verification cues count
+as reflection, a tie too), no cue a plain statement.
+
+- reflection or affirmation: the large model writes ``n1`` tokens from the same
+  point instead (the probe is dropped); if that text carries a verification cue
+  it continues for ``n2`` more tokens; a reflection raises the negativity count;
+- too many reflections (count >= ``neg_threshold``): the review prompt is
+  inserted and the large model writes ``n3`` tokens; the count resets, ``n3`` and
+  the threshold grow (``n3_step``/``neg_step``, capped), as in the reference code;
+- a statement: the small model goes on.
+
+Deviation, on purpose: the reference discards a statement probe and lets the
+small model resample from the delimiter. Keeping the probe is the same in
+distribution (it was sampled from that very context) and under greedy decoding
+the resample would reproduce it token for token, so it is kept and not paid twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from policies.base import Policy, PolicyParams
+
+if TYPE_CHECKING:
+    from orchestrator.session import Session
+
+
+class SpecThinkingParams(PolicyParams):
+    type: Literal["spec-thinking"] = "spec-thinking"
+    delimiter: str = "\n\n"
+    n1: int = Field(20, ge=1, description="probe and affirmation/reflection burst length")
+    n2: int = Field(125, ge=0, description="verification burst length")
+    n3: int = Field(125, ge=1, description="initial excessive-reflection review length")
+    n3_step: int = Field(25, ge=0)
+    n3_max: int = Field(200, ge=1)
+    neg_threshold: int = Field(15, ge=1)
+    neg_step: int = Field(5, ge=0)
+    neg_max: int = Field(30, ge=1)
+    max_segment_tokens: int = Field(1024, ge=1)
+    reflection: list[str] = ["wait", "alternatively", "hold on", "another"]
+    verification: list[str] = ["verify", "think again", "recap", "check"]
+    affirmation: list[str] = ["yeah", "yes", "final answer", "confident"]
+    review_prompt: str = "Let me check whether there are some wrong steps:"
+
+
+def classify(text: str, p: SpecThinkingParams) -> Literal["affirmation", "reflection", "statement"]:
+    low = text.lower()
+    pos = sum(low.count(w) for w in p.affirmation)
+    neg = sum(low.count(w) for w in p.reflection + p.verification)
+    if pos > neg:
+        return "affirmation"
+    if neg > 0:
+        return "reflection"
+    return "statement"
+
+
+def has_verification(text: str, p: SpecThinkingParams) -> bool:
+    low = text.lower()
+    return any(w in low for w in p.verification)
+
+
+class SpeculativeThinking(Policy):
+    name = "spec-thinking"
+    roles = ("small", "large")
+    params: SpecThinkingParams
+
+    async def _large_burst(self, session: Session, n: int, kind: str, note: str) -> str:
+        g = await session.generate("large", max_tokens=n)
+        session.append("large", g.text, len(g.token_ids), kind=kind, note=note)
+        if g.finish_reason == "eos":
+            session.finish("eos")
+        return g.text
+
+    async def run(self, session: Session) -> None:
+        p = self.params
+        negatives, threshold, n3 = 0, p.neg_threshold, p.n3
+        while not session.finished and not session.out_of_budget:
+            g = await session.generate("small", stop=[p.delimiter], max_tokens=p.max_segment_tokens)
+            hit = g.finish_reason == "stop"
+            session.append("small", g.text + (p.delimiter if hit else ""), len(g.token_ids))
+            if g.finish_reason == "eos":
+                session.finish("eos")
+            if session.finished or not hit or session.out_of_budget:
+                continue
+            if negatives >= threshold:
+                session.append("large", p.review_prompt, 0, kind="review", note="excessive reflection")
+                session.metrics.handoffs += 1
+                await self._large_burst(session, n3, "review", "review")
+                negatives, n3, threshold = 0, min(n3 + p.n3_step, p.n3_max), min(threshold + p.neg_step, p.neg_max)
+                continue
+            probe = await session.generate("small", max_tokens=p.n1)
+            kind = classify(probe.text, p)
+            session.metrics.proposed += 1
+            if kind == "statement":
+                session.metrics.accepted += 1
+                session.append("small", probe.text, len(probe.token_ids), kind="probe", note="statement")
+                if probe.finish_reason == "eos":
+                    session.finish("eos")
+                continue
+            session.reject("small", probe.text, len(probe.token_ids), kind="probe", note=kind)
+            session.metrics.handoffs += 1
+            text = await self._large_burst(session, p.n1, "burst", kind)
+            if classify(text, p) == "reflection":
+                negatives += 1
+            if has_verification(text, p) and not session.finished and p.n2:
+                await self._large_burst(session, p.n2, "burst", "verification")
