@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.config import ModelConfig, RunConfig
+from orchestrator.config import ModelConfig, RunConfig, resolve_model_path
 from workers.protocol import Worker
 
 
@@ -12,6 +12,8 @@ def create_local_worker(cfg: ModelConfig) -> Worker:
     """A worker in this process, for the configured backend."""
     path = cfg.resolved_path()
     spec = cfg.speculative if cfg.speculative.method else None
+    if spec is not None and spec.model:
+        spec = spec.model_copy(update={"model": resolve_model_path(spec.model)})
     if cfg.backend == "hf":
         from workers.hf_backend import HFWorker
 

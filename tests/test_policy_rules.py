@@ -12,6 +12,7 @@ from policies.consultant import ConsultantParams
 from policies.spec_thinking import SpecThinkingParams, classify
 from policies.specreason import SpecReasonParams
 from policies.speculative import SpeculativeParams, accept_reject
+from workers.protocol import GenParams
 from tests.scripted import EOS, ScriptedWorker, TableWorker, make_session  # noqa: F401
 
 
@@ -112,7 +113,8 @@ def table(rows):
 
 
 async def test_consultant_keeps_tokens_under_epsilon_and_uses_large_token_at_miss():
-    # small always drafts token 1; large puts 0.6 on token 1 for two positions, then prefers 2 strongly
+    # small always drafts token 1; large puts 0.6 on token 1 at positions 1-2 (row 0 is the prompt),
+    # then prefers token 2 strongly
     small = table([[0, 5, 0, -9]])
     large = table([[0, 3, 2.5, -9]] * 3 + [[0, -5, 5, -9]] + [[0, 0, 0, 9]])
     s = make_session(small, large, max_tokens=6, prompt=[0])
@@ -120,8 +122,8 @@ async def test_consultant_keeps_tokens_under_epsilon_and_uses_large_token_at_mis
     pol.check(s.models)
     await pol.run(s)
     authors = [(g.author, g.tokens) for g in s.segments]
-    assert authors[:2] == [("small", 3), ("large", 1)]  # three drafts kept, the 4th missed -> large's argmax (2)
-    assert s.metrics.accepted >= 3
+    assert authors[:2] == [("small", 2), ("large", 1)]  # two drafts kept, the 3rd missed -> large's argmax
+    assert s.reasoning[:3] == "\x01\x01\x02"
 
 
 async def test_consultant_ema_smoothing_delays_a_single_miss():
@@ -147,9 +149,9 @@ async def test_speculative_greedy_equals_large_model():
     large = table([[0, 5, 0, -9], [0, 0, 5, -9], [0, 0, 5, -9], [0, 0, 0, 9]])
     s = make_session(small, large, max_tokens=10, prompt=[0])
     await build_policy(SpeculativeParams(draft_tokens=3)).run(s)
-    # the large model's greedy continuation from position 1 is 1, 2, 2, EOS (the char tokenizer maps id -> chr(id))
-    assert s.reasoning == "\x01\x02\x02" and s.metrics.finish_reason == "eos"
-    assert [g.author for g in s.segments][:2] == ["small", "large"]
+    alone = await large.generate([0], GenParams(max_tokens=10))
+    assert s.reasoning == "".join(chr(t) for t in alone.token_ids if t != EOS)  # char tokenizer: id -> chr(id)
+    assert s.metrics.finish_reason == "eos" and s.metrics.proposed > 0
 
 
 def test_accept_reject_is_lossless_in_distribution():

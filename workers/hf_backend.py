@@ -53,8 +53,8 @@ def load_tokenizer(path: str) -> Any:
 class _Request:
     kind: Literal["generate", "score", "next"]
     ids: list[int]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | None
+    loop: asyncio.AbstractEventLoop | None
     params: GenParams | None = None
     n_prefix: int = 0
     top_k: int = 0
@@ -73,8 +73,15 @@ class _Request:
     done: bool = False
     finish: tuple[str, str | None] = ("length", None)
     cancelled: bool = False
+    result: Any = None
 
     def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
+        if self.loop is None:  # served synchronously (run_sync): the caller reads .result
+            if error is not None:
+                raise error
+            self.result = value
+            return
+
         def _set() -> None:
             if self.future.done():
                 return
@@ -377,8 +384,8 @@ class HFWorker:
         probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
         return int(torch.multinomial(probs, 1, generator=r.rng))
 
-    def _accept_token(self, r: _Request, logits: torch.Tensor) -> None:
-        """Sample the next token of ``r`` and decide whether it is finished."""
+    def _accept_token(self, r: _Request, logits: torch.Tensor) -> int:
+        """Sample the next token of ``r``, append it and decide whether ``r`` is finished."""
         tok = self._sample(r, logits)
         r.generated.append(tok)
         self._stats.generated_tokens += 1
@@ -395,6 +402,7 @@ class HFWorker:
             r.done, r.finish = True, ("stop", hit)
         elif len(r.generated) >= r.params.max_tokens:
             r.done, r.finish = True, ("length", None)
+        return tok
 
     def _stop_hit(self, r: _Request) -> str | None:
         longest = max(len(s) for s in r.params.stop)
@@ -402,11 +410,8 @@ class HFWorker:
         hits = [s for s in r.params.stop if s in tail]
         return min(hits, key=tail.find) if hits else None
 
-    def _decode_round(self, active: list[_Request]) -> list[_Request]:
-        rows = [(r.kv, [r.generated[-1]]) for r in active]
-        # first step builds the stacked cache; later steps extend it in place of re-stacking
-        logits, kvs = None, None
-        B = len(active)
+    def _stack(self, active: list[_Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One batched cache for a round: each row's KV left-padded to the longest (mask 0 on padding)."""
         pasts = [r.kv[0][0].shape[2] for r in active]
         P = max(pasts)
         stacked = []
@@ -419,35 +424,67 @@ class HFWorker:
                     k, v = torch.cat([pad, k], 2), torch.cat([pad, v], 2)
                 ks.append(k)
                 vs.append(v)
-            stacked.append((torch.cat(ks, 0), torch.cat(vs, 0)) if B > 1 else (ks[0], vs[0]))
-        cache = DynamicCache(ddp_cache_data=stacked)
-        mask = torch.zeros((B, P), dtype=torch.long)
+            stacked.append((torch.cat(ks, 0), torch.cat(vs, 0)) if len(active) > 1 else (ks[0], vs[0]))
+        mask = torch.zeros((len(active), P), dtype=torch.long)
         for i, p in enumerate(pasts):
             mask[i, P - p :] = 1
-        lengths = torch.tensor(pasts)
-        alive = torch.ones(B, dtype=torch.long)
-        dev = self.device
-        del rows, logits, kvs
+        return DynamicCache(ddp_cache_data=stacked), mask, torch.tensor(pasts)
+
+    def _decode_round(self, active: list[_Request]) -> list[_Request]:
+        """Decode ``active`` together for up to ``round_steps`` steps (more if nobody waits).
+
+        Each step feeds every live row its pending token plus, with token-level
+        speculation, the proposed continuation; positions the model rejects are
+        masked out of the shared cache rather than cropped, since rows differ.
+        """
+        cache, mask, lengths = self._stack(active)
+        B, dev = len(active), self.device
+        alive = [True] * B
         steps = 0
         while True:
-            tokens = torch.tensor([[r.generated[-1]] for r in active])
-            mask = torch.cat([mask, alive[:, None]], 1)
+            rows_prop: list[list[int]] = [[] for _ in active]
+            if self.speculator is not None:
+                live = [i for i in range(B) if alive[i]]
+                for i, prop in zip(live, self.speculator.propose([active[i] for i in live])):
+                    rows_prop[i] = prop
+            K = 1 + max(len(p) for p in rows_prop)
+            tokens = torch.full((B, K), self.pad_id, dtype=torch.long)
+            new_mask = torch.zeros((B, K), dtype=torch.long)
+            for i, (r, prop) in enumerate(zip(active, rows_prop)):
+                fed = [r.generated[-1]] + prop
+                tokens[i, : len(fed)] = torch.tensor(fed)
+                new_mask[i, : len(fed)] = int(alive[i])
+            positions = lengths[:, None] + torch.arange(K)[None, :]
+            col0 = mask.shape[1]
+            mask = torch.cat([mask, new_mask], 1)
             out = self.model(
-                input_ids=tokens.to(dev), attention_mask=mask.to(dev), position_ids=lengths[:, None].to(dev),
+                input_ids=tokens.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                 past_key_values=cache, use_cache=True,
             )
             self._stats.forward_passes += 1
             cache = out.past_key_values
-            lengths = lengths + alive
-            logits = out.logits[:, -1].float()
-            for i, r in enumerate(active):
-                if alive[i]:
-                    r.forward_passes += 1
-                    self._accept_token(r, logits[i])
-                    if r.done or r.cancelled:
-                        alive[i] = 0
+            logits = out.logits.float()
+            for i, (r, prop) in enumerate(zip(active, rows_prop)):
+                if not alive[i]:
+                    continue
+                r.forward_passes += 1
+                emitted = matched = 0
+                for j in range(len(prop) + 1):  # sample, then compare: lossless for deterministic proposals
+                    tok = self._accept_token(r, logits[i, j])
+                    emitted += 1
+                    hit = j < len(prop) and tok == prop[j]
+                    matched += hit
+                    if r.done or not hit:
+                        break
+                self._stats.spec_proposed_tokens += len(prop)
+                self._stats.spec_accepted_tokens += matched
+                # KV is kept for the pending token fed this step and the accepted proposals before the last emitted one
+                mask[i, col0 + emitted :] = 0
+                lengths[i] += emitted
+                if r.done or r.cancelled:
+                    alive[i] = False
             steps += 1
-            if not alive.any() or (steps >= self.round_steps and not self._queue.empty()) or steps >= 4 * self.round_steps:
+            if not any(alive) or (steps >= self.round_steps and not self._queue.empty()) or steps >= 4 * self.round_steps:
                 break
         still = []
         layers = cache.layers
@@ -461,6 +498,13 @@ class HFWorker:
             else:
                 still.append(r)
         return still
+
+    def run_sync(self, reqs: list[_Request]) -> None:
+        """Serve ``reqs`` to completion in the calling thread (a draft model inside another worker's engine)."""
+        with torch.inference_mode():
+            active = self._prefill(reqs)
+            while active:
+                active = self._decode_round(active)
 
     def _finish(self, r: _Request) -> None:
         covered = r.ids + r.generated[:-1]  # the last sampled token has no KV yet
