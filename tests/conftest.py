@@ -1,0 +1,51 @@
+"""Shared fixtures. Sections are owned by different suites: append a new section, keep the others."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+
+from orchestrator.core import Orchestrator
+
+# ---------------------------------------------------------------- evals: a real arith small-only Orchestrator
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def arith_small() -> AsyncIterator[Orchestrator]:
+    """The arith small model under the small-only policy, started once for the whole test session."""
+    orch = Orchestrator.from_config("arith/small-only")
+    await orch.start()
+    yield orch
+    await orch.aclose()
+
+
+# ---------------------------------------------------------------- workers: one engine per backend for the session
+
+import pytest  # noqa: E402
+
+from orchestrator.config import PACKAGE_ROOT  # noqa: E402
+
+ARITH = PACKAGE_ROOT / "evals" / "arith" / "models"
+
+
+def arith_model(name: str) -> str:
+    path = ARITH / name
+    if not (path / "config.json").exists():
+        pytest.fail(f"the committed arith model {path} is missing: train it with `python -m evals.arith.train`")
+    return str(path)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session", params=["hf", "vllm"])
+async def small_worker(request):
+    """The arith small model behind each backend (vLLM engines start once per session)."""
+    if request.param == "hf":
+        from workers.hf_backend import HFWorker
+
+        w = HFWorker(arith_model("small"))
+    else:
+        from workers.vllm_backend import VLLMWorker
+
+        w = VLLMWorker.create(arith_model("small"), engine_args={"enforce_eager": True})
+    yield w
+    await w.close()

@@ -1,0 +1,119 @@
+"""The Worker protocol, backend by backend, on the real arith small model.
+
+Reference numbers come from plain transformers (``AutoModelForCausalLM`` in fp32):
+every backend must agree with it, and so with every other backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from orchestrator.prompting import prompt_ids, to_messages
+from tests.conftest import arith_model
+from workers.protocol import GenParams, WorkerError
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+PROBLEMS = ["53 + 51 - 6 + 20", "12 + 34 - 5", "88 - 23 + 41 - 7", "19 + 19 + 19", "70 - 33 + 12 + 5 - 9"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(arith_model("small"))
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return AutoModelForCausalLM.from_pretrained(arith_model("small"), dtype=torch.float32).eval()
+
+
+def ids_for(tok, problem: str) -> list[int]:
+    return prompt_ids(tok, to_messages(problem))
+
+
+def ref_greedy(ref, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def ref_logprobs(ref, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), -1)
+
+
+async def test_greedy_matches_transformers(small_worker, tok, ref):
+    ids = ids_for(tok, PROBLEMS[0])
+    g = await small_worker.generate(ids, GenParams(max_tokens=80))
+    assert g.token_ids == ref_greedy(ref, ids, 80)[: len(g.token_ids)]
+    assert g.finish_reason == "eos" and "\\boxed{" in g.text and g.prompt_tokens == len(ids)
+
+
+async def test_stop_strings_and_max_tokens(small_worker, tok):
+    ids = ids_for(tok, PROBLEMS[1])
+    g = await small_worker.generate(ids, GenParams(max_tokens=50, stop=["\n\n"]))
+    assert g.finish_reason == "stop" and g.stop_reason == "\n\n" and "\n\n" not in g.text and g.text
+    kept = await small_worker.generate(ids, GenParams(max_tokens=50, stop=["\n\n"], include_stop_str_in_output=True))
+    assert kept.text == g.text + "\n\n"
+    short = await small_worker.generate(ids, GenParams(max_tokens=3))
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+
+
+async def test_prefix_is_served_from_cache(small_worker, tok):
+    ids = ids_for(tok, PROBLEMS[2] + " + 1 + 2 + 3 + 4 + 5")
+    first = await small_worker.generate(ids, GenParams(max_tokens=12, stop=["\n\n"]))
+    second = await small_worker.generate(ids + first.token_ids, GenParams(max_tokens=12, stop=["\n\n"]))
+    assert second.cached_prompt_tokens >= 16
+
+
+async def test_seeded_sampling_is_reproducible(small_worker, tok):
+    ids = ids_for(tok, PROBLEMS[3])
+    p = GenParams(max_tokens=40, temperature=1.0, top_p=0.9, seed=7)
+    a, b = await small_worker.generate(ids, p), await small_worker.generate(ids, p)
+    assert a.token_ids == b.token_ids
+
+
+async def test_score_and_next_token_logprobs_match_transformers(small_worker, tok, ref):
+    ids = ids_for(tok, PROBLEMS[4])
+    cont = tok.encode("70 - 33 = 37\n\n", add_special_tokens=False)
+    lp = ref_logprobs(ref, ids + cont)
+    s = await small_worker.score(ids, cont, top_k=3, full_next=True)
+    want = [float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(cont)]
+    assert s.logprobs == pytest.approx(want, abs=1e-3)
+    assert len(s.top) == len(cont) and all(len(t) == 3 for t in s.top)
+    assert max(range(len(s.next_logprobs)), key=s.next_logprobs.__getitem__) == int(lp[-1].argmax())
+    digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    nxt = await small_worker.next_token_logprobs(ids + cont, digits)
+    assert [nxt[d] for d in digits] == pytest.approx([float(lp[-1, d]) for d in digits], abs=1e-3)
+
+
+async def test_generation_logprobs_agree_with_score(small_worker, tok):
+    ids = ids_for(tok, PROBLEMS[0])
+    g = await small_worker.generate(ids, GenParams(max_tokens=10, logprobs=2))
+    s = await small_worker.score(ids, g.token_ids)
+    assert [x.logprob for x in g.logprobs] == pytest.approx(s.logprobs, abs=1e-3)
+    assert all(x.token_id == t and len(x.top) >= 2 for x, t in zip(g.logprobs, g.token_ids))
+
+
+async def test_concurrent_requests_equal_sequential(small_worker, tok):
+    prompts = [ids_for(tok, p) for p in PROBLEMS * 3]
+    together = await asyncio.gather(*(small_worker.generate(i, GenParams(max_tokens=60)) for i in prompts))
+    for i, g in zip(prompts[:5], together[:5]):
+        alone = await small_worker.generate(i, GenParams(max_tokens=60))
+        assert alone.token_ids == g.token_ids
+
+
+async def test_info_and_stats(small_worker):
+    info = await small_worker.info()
+    assert info.vocab_size > 400 and len(info.vocab_fingerprint) == 16 and info.eos_token_id is not None
+    st = await small_worker.stats()
+    assert st.requests > 0 and st.generated_tokens > 0 and st.cached_prompt_tokens > 0
+
+
+async def test_empty_prompt_is_a_clear_error(small_worker):
+    with pytest.raises((WorkerError, ValueError)):
+        await small_worker.generate([], GenParams(max_tokens=4))
