@@ -70,6 +70,7 @@ def eval_cmd(
     samples: Annotated[Optional[int], typer.Option(min=1, help="seeded samples per problem (pass@1 over k)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="result folder (default runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option(help="skip problems already in OUT/results.jsonl")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start OUT afresh if it has results")] = False,
     set: SetOpt = None,
 ) -> None:
     """Evaluate a config on a dataset: results.jsonl, summary.json, summary.md, a table."""
@@ -90,7 +91,8 @@ def eval_cmd(
     async def main() -> dict:
         orch = Orchestrator(cfg)
         try:
-            return await run_eval(orch, problems, out_dir, concurrency=e.concurrency, samples=e.samples, resume=resume)
+            return await run_eval(orch, problems, out_dir, concurrency=e.concurrency, samples=e.samples, resume=resume,
+                                  overwrite=overwrite, dataset=e.dataset)
         finally:
             await orch.aclose()
 
@@ -107,14 +109,17 @@ def bench(
     limit: Annotated[int, typer.Option(min=1)] = 100,
     concurrency: Annotated[int, typer.Option(min=1)] = 1,
     out: Annotated[Path, typer.Option()] = Path("runs/bench"),
+    resume: Annotated[bool, typer.Option(help="finish an interrupted bench")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start OUT afresh if it has results")] = False,
     set: SetOpt = None,
 ) -> None:
     """The same problems through several configs: one table, bench.json/md/png."""
-    from evals.report import run_bench
+    from evals.runner import run_bench
 
     for c in configs:
         _load(c, set)  # fail fast on any bad config before running the first one
-    rows = asyncio.run(run_bench(configs, dataset, limit, concurrency, out, set, dataset_path=dataset_path))
+    rows = asyncio.run(run_bench(configs, dataset, limit, concurrency, out, set, dataset_path=dataset_path,
+                                 resume=resume, overwrite=overwrite))
     console.print(f"{len(rows)} configs compared; see {out}/bench.md")
 
 

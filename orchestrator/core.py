@@ -26,14 +26,17 @@ from orchestrator.pool import start_workers
 from orchestrator.prompting import Messages, problem_text, prompt_ids, to_messages
 from orchestrator.session import Event, ModelHandle, Result, Session
 from policies import build_policy
-from workers.protocol import GenParams, WorkerStats
+from workers.protocol import GenParams, Worker, WorkerStats
 
 
 class Orchestrator:
-    def __init__(self, config: RunConfig):
+    """Runs one policy over its workers; ``workers`` may be shared (they are then not closed here)."""
+
+    def __init__(self, config: RunConfig, workers: dict[str, Worker] | None = None):
         self.config = config
         self.policy = build_policy(config.policy)
         self.models: dict[str, ModelHandle] = {}
+        self._given = workers
         self._start_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -54,7 +57,13 @@ class Orchestrator:
             if self.models:
                 return
             roles = tuple(r for r in ("small", "mid", "large") if r in self.policy.roles)
-            workers = await start_workers(self.config, roles)
+            if self._given is not None:
+                missing = [r for r in roles if r not in self._given]
+                if missing:
+                    raise ValueError(f"policy {self.policy.name} needs workers for {missing}")
+                workers = {r: self._given[r] for r in roles}
+            else:
+                workers = await start_workers(self.config, roles)
             models = {}
             for role, worker in workers.items():
                 info = await worker.info()
@@ -63,15 +72,17 @@ class Orchestrator:
             try:
                 self.policy.check(models)
             except BaseException:
-                for h in models.values():
-                    await h.worker.close()
+                if self._given is None:
+                    for h in models.values():
+                        await h.worker.close()
                 raise
             self.models = models
 
     async def aclose(self) -> None:
         models, self.models = self.models, {}
-        for h in models.values():
-            await h.worker.close()
+        if self._given is None:
+            for h in models.values():
+                await h.worker.close()
 
     def close(self) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -36,16 +36,32 @@ def arith_model(name: str) -> str:
     return str(path)
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session", params=["hf", "vllm"])
-async def small_worker(request):
-    """The arith small model behind each backend (vLLM engines start once per session)."""
-    if request.param == "hf":
+def start_worker(backend: str, name: str):
+    if backend == "hf":
         from workers.hf_backend import HFWorker
 
-        w = HFWorker(arith_model("small"))
-    else:
-        from workers.vllm_backend import VLLMWorker
+        return HFWorker(arith_model(name))
+    from workers.vllm_backend import VLLMWorker
 
-        w = VLLMWorker.create(arith_model("small"), engine_args={"enforce_eager": True})
-    yield w
-    await w.close()
+    return VLLMWorker.create(arith_model(name), engine_args={"enforce_eager": True})
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def engines():
+    """Workers by (backend, model), started on first use and shared by the whole session."""
+    started: dict[tuple[str, str], object] = {}
+
+    def get(backend: str, name: str):
+        if (backend, name) not in started:
+            started[(backend, name)] = start_worker(backend, name)
+        return started[(backend, name)]
+
+    yield get
+    for w in started.values():
+        await w.close()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session", params=["hf", "vllm"])
+async def small_worker(request, engines):
+    """The arith small model behind each backend."""
+    return engines(request.param, "small")
