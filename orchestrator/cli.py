@@ -101,9 +101,11 @@ def eval_cmd(
     console.print(f"results in {out_dir}")
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def bench(
-    configs: Annotated[list[str], typer.Option("--configs", help="configs to compare; the first is the baseline")],
+    ctx: typer.Context,
+    configs: Annotated[list[str], typer.Option("--configs", help="configs to compare (--configs C1 C2 ...); the first "
+                                                                  "is the baseline")],
     dataset: str = "arith",
     dataset_path: Annotated[Optional[Path], typer.Option()] = None,
     limit: Annotated[int, typer.Option(min=1)] = 100,
@@ -115,6 +117,8 @@ def bench(
 ) -> None:
     """The same problems through several configs: one table, bench.json/md/png."""
     from evals.runner import run_bench
+
+    configs = list(configs) + list(ctx.args)  # `--configs C1 C2 C3`: typer binds C1, the rest arrive as extra args
 
     for c in configs:
         _load(c, set)  # fail fast on any bad config before running the first one
