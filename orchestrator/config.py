@@ -52,6 +52,8 @@ class ModelConfig(Strict):
     max_model_len: int | None = Field(None, ge=16)
     tensor_parallel_size: int = Field(1, ge=1)
     max_batch_size: int = Field(64, ge=1)
+    threads: int | None = Field(None, ge=1, description="hf on CPU: intra-op threads of this model's engine "
+                                                        "(e.g. 1 each so two models use one core each); None: torch's default")
     kv_cache_tokens: int = Field(200_000, ge=1024, description="hf: tokens of KV kept for prefix reuse (LRU)")
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)

@@ -106,6 +106,7 @@ class HFWorker:
         max_batch_size: int = 64,
         round_steps: int = 16,
         speculative: Any = None,
+        threads: int | None = None,
     ):
         path = Path(model_path)
         if not path.exists() and (model_path.startswith((".", "/")) or model_path.count("/") != 1):
@@ -122,6 +123,7 @@ class HFWorker:
         self.cache = PrefixCache(kv_cache_tokens)
         self.max_batch_size = max_batch_size
         self.round_steps = round_steps
+        self.threads = threads
         self._stats = WorkerStats()
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -217,6 +219,8 @@ class HFWorker:
             raise
 
     def _engine(self) -> None:
+        if self.threads:  # OpenMP's thread count is per calling thread: this sets it for this engine only
+            torch.set_num_threads(self.threads)
         active: list[_Request] = []
         with torch.inference_mode():
             while True:
