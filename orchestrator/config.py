@@ -48,7 +48,8 @@ class ModelConfig(Strict):
     path: str = Field(description="local model folder (absolute, or relative to the package root) or hub id")
     backend: Literal["hf", "vllm"] = "hf"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (hf backend)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N; vllm also cpu:<cores> (its OpenMP binding) "
+                                            "and cuda:<ids> (CUDA_VISIBLE_DEVICES of its engine)")
     max_model_len: int | None = Field(None, ge=16)
     tensor_parallel_size: int = Field(1, ge=1)
     max_batch_size: int = Field(64, ge=1)

@@ -19,8 +19,6 @@ pays only for its new tokens.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import queue
 import threading
 import time
@@ -34,15 +32,9 @@ from transformers.cache_utils import DynamicCache
 
 from workers.prefix_cache import KV, PrefixCache
 from workers.sampling import sampling_probs
-from workers.protocol import Generation, GenParams, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats
+from workers.protocol import Generation, GenParams, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats, vocab_fingerprint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def vocab_fingerprint(tokenizer: Any) -> str:
-    """Stable id of a vocabulary: token-level policies need identical ones."""
-    items = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
 def load_tokenizer(path: str) -> Any:

@@ -67,7 +67,8 @@ class DraftProposer:
 
 def make_speculator(spec: Any, target: HFWorker) -> NgramProposer | DraftProposer:
     """Build the configured proposer, failing at start-up on what cannot work."""
-    from workers.hf_backend import HFWorker, vocab_fingerprint
+    from workers.hf_backend import HFWorker
+    from workers.protocol import vocab_fingerprint
 
     k = spec.num_speculative_tokens
     if spec.method == "ngram":

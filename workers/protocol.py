@@ -7,7 +7,9 @@ policies see nothing else.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+import hashlib
+import json
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -115,3 +117,9 @@ class Worker(Protocol):
 
 class WorkerError(RuntimeError):
     """A worker could not serve a request (crashed, shut down, bad input)."""
+
+
+def vocab_fingerprint(tokenizer: Any) -> str:
+    """Stable id of a vocabulary (``WorkerInfo.vocab_fingerprint``): token-level policies need equal ones."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
