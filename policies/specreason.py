@@ -18,10 +18,16 @@ Judges:
 Options from the paper: the first ``first_n_large`` steps by the large model; a
 token budget counting accepted tokens only; stop on a boxed answer or on a step
 that repeats the previous one.
+
+Beyond the paper (its "future work"), ``pipeline``: while the large model judges
+step k, the small model already drafts step k+1 as if k were accepted; the draft
+is discarded when k is rejected. With the two models on separate devices the
+judge leaves the critical path. Greedy outputs are identical either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import TYPE_CHECKING, Literal
 
@@ -32,6 +38,7 @@ from policies.judge_prompt import DEFAULT_INSTRUCTION, DEFAULT_PREFILL, judge_su
 
 if TYPE_CHECKING:
     from orchestrator.session import ModelHandle, Session
+    from workers.protocol import Generation
 
 
 class SpecReasonParams(PolicyParams):
@@ -42,6 +49,7 @@ class SpecReasonParams(PolicyParams):
     max_step_tokens: int = Field(512, ge=1)
     first_n_large: int = Field(0, ge=0)
     delimiter: str = "\n\n"
+    pipeline: bool = Field(True, description="draft the next small step while the current one is judged")
     judge_instruction: str = DEFAULT_INSTRUCTION
     judge_prefill: str = DEFAULT_PREFILL
 
@@ -82,31 +90,48 @@ class SpecReason(Policy):
             return sum(d * q for d, q in probs.items()) / mass if mass > 0 else 0.0
         return float(max(probs, key=probs.get)) if mass >= 0.5 else 0.0
 
+    async def _step(self, session: Session, role: str, extra: str = "") -> Generation:
+        p = self.params
+        return await session.generate(role, ids=session.ids(role, extra), stop=[p.delimiter], max_tokens=p.max_step_tokens)
+
     async def run(self, session: Session) -> None:
         p = self.params
         previous = None
         n_steps = 0
-        while not session.finished and not session.out_of_budget:
-            author = "large" if n_steps < p.first_n_large else "small"
-            g = await session.generate(author, stop=[p.delimiter], max_tokens=p.max_step_tokens)
-            step, score = g.text, None
-            if author == "small":
-                score = await self.judge(session, step)
-                session.metrics.proposed += 1
-                if score >= p.threshold:
-                    session.metrics.accepted += 1
+        ahead: asyncio.Future | None = None  # the small model's next step, drafted while this one is judged
+        try:
+            while not session.finished and not session.out_of_budget:
+                score = None
+                if n_steps < p.first_n_large:
+                    author, g = "large", await self._step(session, "large")
                 else:
-                    session.reject("small", step, len(g.token_ids), score=score)
-                    session.metrics.handoffs += 1
-                    author, score = "large", None
-                    g = await session.generate("large", stop=[p.delimiter], max_tokens=p.max_step_tokens)
-                    step = g.text
-            n_steps += 1
-            ended = g.finish_reason == "eos"
-            session.append(author, step + (p.delimiter if g.finish_reason == "stop" else ""), len(g.token_ids),
-                           score=score)
-            if ended:
-                session.finish("eos")
-            elif step.strip() and step == previous:
-                session.finish("repeat")
-            previous = step
+                    author = "small"
+                    g = await ahead if ahead is not None else await self._step(session, "small")
+                    ahead = None
+                    judging = asyncio.ensure_future(self.judge(session, g.text))
+                    if p.pipeline and g.finish_reason == "stop":
+                        ahead = asyncio.ensure_future(self._step(session, "small", g.text + p.delimiter))
+                    score = await judging
+                    session.metrics.proposed += 1
+                    if score >= p.threshold:
+                        session.metrics.accepted += 1
+                    else:
+                        session.reject("small", g.text, len(g.token_ids), score=score)
+                        session.metrics.handoffs += 1
+                        if ahead is not None:  # drafted on a rejected step: worthless
+                            ahead.cancel()
+                            ahead = None
+                        author, score = "large", None
+                        g = await self._step(session, "large")
+                n_steps += 1
+                step = g.text
+                session.append(author, step + (p.delimiter if g.finish_reason == "stop" else ""), len(g.token_ids),
+                               score=score)
+                if g.finish_reason == "eos":
+                    session.finish("eos")
+                elif step.strip() and step == previous:
+                    session.finish("repeat")
+                previous = step
+        finally:
+            if ahead is not None:
+                ahead.cancel()

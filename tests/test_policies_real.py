@@ -70,3 +70,9 @@ async def test_specreason_judges_every_small_step(pair):
     lax = await solve_all(pair, "arith/specreason", ["policy.threshold=0"])
     small = await solve_all(pair, "arith/small-only")
     assert [r.answer for r in lax] == [r.answer for r in small]
+
+
+async def test_specreason_pipelining_changes_nothing_but_time(pair):
+    piped = await solve_all(pair, "arith/specreason", ["policy.pipeline=true"])
+    serial = await solve_all(pair, "arith/specreason", ["policy.pipeline=false"])
+    assert [r.text for r in piped] == [r.text for r in serial]

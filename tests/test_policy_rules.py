@@ -17,7 +17,8 @@ from tests.scripted import EOS, ScriptedWorker, TableWorker, make_session  # noq
 
 
 def specreason(**kw) -> SpecReason:
-    return build_policy(SpecReasonParams(**kw))
+    """Scripted workers answer in call order, so rule tests run unpipelined (pipelining has its own test)."""
+    return build_policy(SpecReasonParams(**{"pipeline": False, **kw}))
 
 
 async def test_specreason_accepts_and_rejects_by_threshold():
@@ -56,6 +57,19 @@ async def test_specreason_first_n_steps_by_large_and_budget():
     assert s.segments[0].author == "large" and s.segments[0].score is None
     assert s.result(pol.name).metrics.finish_reason == "budget"
     assert len(small.calls) == 3  # L1, s2, s3, s4: 2 tokens each reach the budget of 8
+
+
+async def test_specreason_pipeline_drafts_next_step_while_judging():
+    small = ScriptedWorker([("a", "stop"), ("b", "stop"), ("c", "stop"), ("\\boxed{1}", "eos")])
+    large = ScriptedWorker([("B", "stop")], judge_scores=[9, 2, 9])
+    s = make_session(small, large)
+    pol = specreason(pipeline=True)
+    pol.check(s.models)
+    await pol.run(s)
+    # "b" was drafted during the judging of "a"; "c" during "b"'s judging, then discarded when "b" was rejected
+    assert s.reasoning == "a\n\nB\n\n\\boxed{1}"
+    prompt = len(s.prompt_ids["small"])
+    assert [c[1][0] for c in small.calls] == [prompt, prompt + 3, prompt + 6, prompt + 6]
 
 
 async def test_specreason_stops_on_repeated_step():
