@@ -6,8 +6,8 @@ optionally smoothed as r_i = beta * r_(i-1) + (1 - beta) * nll_i (beta = 0: no
 smoothing, r starts at the first token's nll each round), stays at or under
 ``epsilon`` (default 2.0, i.e. p_large > e^-2 ~ 0.135). At the first miss the large
 model's own token is used: its argmax under greedy decoding (read from the same
-scoring pass), a sample from it otherwise (one extra one-token call, its prefix
-served from cache). The draft model's probabilities are not used.
+scoring pass), a sample from it otherwise (one extra one-position scoring call, its
+prefix served from cache). The draft model's probabilities are not used.
 """
 
 from __future__ import annotations
@@ -43,6 +43,5 @@ class ConsultantDecoding(DraftVerifyPolicy):
             if r > p.epsilon:
                 if greedy:
                     return i, max(s.top[i], key=s.top[i].get)
-                g = await session.generate("large", ids=ids + draft.token_ids[:i], max_tokens=1)
-                return i, g.token_ids[0]
+                return i, await self.sample_large(session, ids + draft.token_ids[:i])
         return len(draft.token_ids), None

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from pydantic import Field
 
 from policies.base import Policy, PolicyParams
+from workers.sampling import sampling_probs
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -32,6 +34,14 @@ class DraftVerifyPolicy(Policy):
         """(number of draft tokens kept, the large model's next token or None)."""
         raise NotImplementedError
 
+    @staticmethod
+    async def sample_large(session: Session, ids: list[int]) -> int:
+        """A token from the large model's sampling distribution after ``ids`` (prefix from cache)."""
+        s = await session.score("large", ids, [], full_next=True)
+        p = session.params
+        probs = sampling_probs(torch.tensor(s.next_logprobs), p.temperature, p.top_k, p.top_p)
+        return int(torch.multinomial(probs, 1, generator=session.generator()))
+
     async def run(self, session: Session) -> None:
         large = session.models["large"]
         ids = list(session.prompt_ids["large"])
@@ -40,6 +50,8 @@ class DraftVerifyPolicy(Policy):
 
         def emit(author: str, tokens: list[int]) -> None:
             nonlocal text
+            if author == "large":  # the large model writes through scoring passes, not generate calls
+                session.metrics.tokens["large"] = session.metrics.tokens.get("large", 0) + len(tokens)
             ids.extend(tokens)
             new_text = large.decode(ids[n_prompt:])
             session.append(author, new_text[len(text):], len(tokens), kind="tokens")
