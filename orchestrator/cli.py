@@ -116,6 +116,7 @@ def bench(
     set: SetOpt = None,
 ) -> None:
     """The same problems through several configs: one table, bench.json/md/png."""
+    from evals.report import print_report
     from evals.runner import run_bench
 
     configs = list(configs) + list(ctx.args)  # `--configs C1 C2 C3`: typer binds C1, the rest arrive as extra args
@@ -124,7 +125,9 @@ def bench(
         _load(c, set)  # fail fast on any bad config before running the first one
     rows = asyncio.run(run_bench(configs, dataset, limit, concurrency, out, set, dataset_path=dataset_path,
                                  resume=resume, overwrite=overwrite))
-    console.print(f"{len(rows)} configs compared; see {out}/bench.md")
+    print_report(rows, console, columns=("config", "accuracy", "mean_latency_s", "total_wall_s", "speedup",
+                                         "large_token_share", "acceptance_rate"))
+    console.print(f"{len(rows)} configs compared; see {out}/bench.md, bench.json, bench.png")
 
 
 @app.command()
