@@ -41,6 +41,41 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+def stack_kv(kvs: list[KV | None], width: int) -> DynamicCache:
+    """Rows' caches left-padded to ``width`` in one batched cache (empty when nothing is cached).
+
+    Each row is copied once into a preallocated tensor; a single full-width row is used as is.
+    """
+    ref = next((kv for kv in kvs if kv is not None), None)
+    if ref is None or width == 0:
+        return DynamicCache()
+    if len(kvs) == 1 and kvs[0][0][0].shape[2] == width:
+        return DynamicCache(ddp_cache_data=kvs[0])
+    layers = []
+    for layer, (k0, _) in enumerate(ref):
+        keys = k0.new_zeros((len(kvs), k0.shape[1], width, k0.shape[3]))
+        values = torch.zeros_like(keys)
+        for i, kv in enumerate(kvs):
+            if kv is not None:
+                k, v = kv[layer]
+                keys[i, :, width - k.shape[2] :] = k[0]
+                values[i, :, width - v.shape[2] :] = v[0]
+        layers.append((keys, values))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def unstack_kv(cache: DynamicCache, mask: torch.Tensor) -> list[KV]:
+    """Each row's own cache out of a batched one: the positions its mask keeps (padding and holes dropped)."""
+    layers = cache.layers
+    if mask.shape[0] == 1 and bool(mask.all()):
+        return [[(lay.keys, lay.values) for lay in layers]]
+    out = []
+    for i in range(mask.shape[0]):
+        keep = mask[i].bool().to(layers[0].keys.device)
+        out.append([(lay.keys[i : i + 1][:, :, keep], lay.values[i : i + 1][:, :, keep]) for lay in layers])
+    return out
+
+
 @dataclass(eq=False)
 class _Request:
     kind: Literal["generate", "score", "next"]
@@ -271,40 +306,14 @@ class HFWorker:
             positions[i, N - n :] = torch.arange(p, p + n)
             mask[i, P - p : P] = 1
             mask[i, P + N - n :] = 1
-        cache = DynamicCache()
-        if P > 0:
-            n_layers = len(next(kv for kv, _ in rows if kv is not None))
-            stacked = []
-            for layer in range(n_layers):
-                ks, vs = [], []
-                for (kv, _), p in zip(rows, pasts):
-                    if kv is None:
-                        ref = next(kv for kv, _ in rows if kv is not None)[layer][0]
-                        k = v = ref.new_zeros((1, ref.shape[1], P, ref.shape[3]))
-                    else:
-                        k, v = kv[layer]
-                        if p < P:
-                            pad = k.new_zeros((1, k.shape[1], P - p, k.shape[3]))
-                            k, v = torch.cat([pad, k], 2), torch.cat([pad, v], 2)
-                    ks.append(k)
-                    vs.append(v)
-                stacked.append((torch.cat(ks, 0), torch.cat(vs, 0)))
-            cache = DynamicCache(ddp_cache_data=stacked)
+        cache = stack_kv([kv for kv, _ in rows], P)
         out = self.model(
             input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
             past_key_values=cache, use_cache=True,
         )
         self._stats.forward_passes += 1
         logits = out.logits.float()
-        layers = out.past_key_values.layers
-        new_kvs: list[KV] = []
-        for i, (p, n) in enumerate(zip(pasts, news)):
-            if B == 1 and p == P and n == N:
-                new_kvs.append([(lay.keys, lay.values) for lay in layers])
-            else:
-                keep = mask[i].bool().to(dev)
-                new_kvs.append([(lay.keys[i : i + 1][:, :, keep], lay.values[i : i + 1][:, :, keep]) for lay in layers])
-        return [logits[i, N - n :] for i, n in enumerate(news)], new_kvs
+        return [logits[i, N - n :] for i, n in enumerate(news)], unstack_kv(out.past_key_values, mask)
 
     # ---------------------------------------------------------------- prefill
 
@@ -406,25 +415,15 @@ class HFWorker:
         hits = [s for s in r.params.stop if s in tail]
         return min(hits, key=tail.find) if hits else None
 
-    def _stack(self, active: list[_Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """One batched cache for a round: each row's KV left-padded to the longest (mask 0 on padding)."""
+    @staticmethod
+    def _stack(active: list[_Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One batched cache for a round, its padding mask and each row's length."""
         pasts = [r.kv[0][0].shape[2] for r in active]
         P = max(pasts)
-        stacked = []
-        for layer in range(len(active[0].kv)):
-            ks, vs = [], []
-            for r, p in zip(active, pasts):
-                k, v = r.kv[layer]
-                if p < P:
-                    pad = k.new_zeros((1, k.shape[1], P - p, k.shape[3]))
-                    k, v = torch.cat([pad, k], 2), torch.cat([pad, v], 2)
-                ks.append(k)
-                vs.append(v)
-            stacked.append((torch.cat(ks, 0), torch.cat(vs, 0)) if len(active) > 1 else (ks[0], vs[0]))
         mask = torch.zeros((len(active), P), dtype=torch.long)
         for i, p in enumerate(pasts):
             mask[i, P - p :] = 1
-        return DynamicCache(ddp_cache_data=stacked), mask, torch.tensor(pasts)
+        return stack_kv([r.kv for r in active], P), mask, torch.tensor(pasts)
 
     def _decode_round(self, active: list[_Request]) -> list[_Request]:
         """Decode ``active`` together for up to ``round_steps`` steps (more if nobody waits).
@@ -483,10 +482,8 @@ class HFWorker:
             if not any(alive) or (steps >= self.round_steps and not self._queue.empty()) or steps >= 4 * self.round_steps:
                 break
         still = []
-        layers = cache.layers
-        for i, r in enumerate(active):
-            keep = mask[i].bool().to(dev)
-            r.kv = [(lay.keys[i : i + 1][:, :, keep], lay.values[i : i + 1][:, :, keep]) for lay in layers]
+        for r, kv in zip(active, unstack_kv(cache, mask)):
+            r.kv = kv
             if r.cancelled:
                 continue
             if r.done:
