@@ -75,9 +75,8 @@ class SpecReason(Policy):
     async def judge(self, session: Session, step: str) -> float:
         p = self.params
         if p.judge == "likelihood":
-            large = session.models["large"]
             prefix = session.ids("large")
-            cont = large.encode(session.reasoning + step)[len(prefix) - len(session.prompt_ids["large"]):]
+            cont = session.ids("large", step)[len(prefix):]
             if not cont:
                 return 9.0
             s = await session.score("large", prefix, cont)
