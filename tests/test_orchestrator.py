@@ -7,7 +7,8 @@ import pytest
 from orchestrator import Orchestrator
 from orchestrator.answer import final_answer, last_boxed
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+# async tests share the session loop of the session-scoped engines (sync tests take no mark)
+session_loop = pytest.mark.asyncio(loop_scope="session")
 
 
 def test_answer_extraction():
@@ -17,6 +18,7 @@ def test_answer_extraction():
     assert final_answer("no answer") is None
 
 
+@session_loop
 async def test_asolve_result_and_metrics(arith_small: Orchestrator):
     r = await arith_small.asolve("12 + 7 - 3", id="t1")
     assert r.answer is not None and r.text.endswith("}.")
@@ -26,12 +28,14 @@ async def test_asolve_result_and_metrics(arith_small: Orchestrator):
     assert m.prompt_tokens > 0 and m.finish_reason in ("answer", "eos")
 
 
+@session_loop
 async def test_stream_yields_segments_then_done(arith_small: Orchestrator):
     events = [e async for e in arith_small.stream("40 - 12 + 5")]
     assert events[-1].type == "done" and events[-1].result.answer is not None
     assert [e.segment.text for e in events[:-1]] == [s.text for s in events[-1].result.segments]
 
 
+@session_loop
 async def test_batch_equals_one_by_one(arith_small: Orchestrator):
     problems = ["12 + 7 - 3", "40 - 12 + 5", "33 + 33 - 10", "90 - 45 + 2"]
     batch = await arith_small.asolve_batch(problems, concurrency=4)
