@@ -28,10 +28,10 @@ from typing import IO, Any
 
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from evals.datasets import Problem, load_dataset
 from evals.grading import default_grader, grade
+from evals.progress import progress_bar
 from evals.report import build_report, fmt, markdown_table
 from orchestrator.core import Orchestrator
 from orchestrator.session import Result
@@ -94,8 +94,8 @@ async def run_eval(
     await orch.start()
     spec_before = await _spec_counters(orch)
     tally = _Tally([r for r in previous if _key(r) in wanted])
-    bar = tqdm(total=len(wanted), initial=tally.records, desc=orch.config.name, unit="solve",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(wanted), initial=tally.records, desc=orch.config.name, unit="solve",
+                       disable=not progress)  # a bar on a terminal, one line per config in a log
     sem = asyncio.Semaphore(concurrency)
     t0 = time.perf_counter()
 
