@@ -6,7 +6,8 @@ loop, possibly inside a Ray actor. So math-verify runs with its timeouts disable
 persistent child processes (``python -m evals.grading``: started with ``subprocess``, so
 nothing depends on the parent's ``__main__``, threads or fork-safety), and the parent
 enforces the timeout: a child that does not answer in time is killed and replaced on the
-next grade. A child imports sympy once (about a second); after that a grade is a JSON
+next grade. The child also extracts the answer from the response, so the timeout covers
+everything a grade does with model output, however long or odd it is. A child imports sympy once (about a second); after that a grade is a JSON
 line each way plus math-verify's own work, a few milliseconds.
 
 Both answers are parsed the same way: wrapped in ``\\boxed{}`` (when not boxed already)
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -73,9 +75,9 @@ class _Child:
             raise RuntimeError(f"grading process exited with code {self.proc.wait()}")
         return json.loads(line)
 
-    def verify(self, gold: str, pred: str, timeout: float) -> bool:
+    def verify(self, gold: str, response: str, timeout: float) -> bool:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"gold": gold, "pred": pred}) + "\n")
+        self.proc.stdin.write(json.dumps({"gold": gold, "response": response}) + "\n")
         self.proc.stdin.flush()
         reply = self._reply(timeout)
         if "error" in reply:
@@ -102,26 +104,22 @@ class Grader:
 
     def grade(self, response: str, gold: str, timeout: float = 5.0) -> bool:
         """Whether the final boxed answer of ``response`` equals ``gold``; False on timeout or error."""
-        from orchestrator.answer import final_answer  # not at module level: the children run this module
-
-        pred = final_answer(response)
-        if pred is None:
-            return False
         with self._slots:
             with self._lock:
                 child = self._idle.pop() if self._idle else None
             try:
                 child = child or _Child()
-                ok = child.verify(gold, pred, timeout)
+                ok = child.verify(gold, response, timeout)
             except _ChildError as e:
-                log.warning("grading failed (gold %r, answer %r): %s", gold, pred, e)
+                log.warning("grading failed (gold %r, response ending %r): %s", gold, response[-80:], e)
                 ok = False
             except BaseException as e:  # timeout, crash, garbled reply or interrupt: replace the child
                 if child is not None:
                     child.kill()
                 if not isinstance(e, Exception):
                     raise
-                log.warning("grading failed (gold %r, answer %r): %s; restarting the grader", gold, pred, e)
+                log.warning("grading failed (gold %r, response ending %r): %s; restarting the grader", gold,
+                            response[-80:], e)
                 return False
             with self._lock:
                 self._idle.append(child)
@@ -196,8 +194,22 @@ def answers_equal(gold: str, pred: str) -> bool:
     return verify(gold_parsed, pred_parsed, timeout_seconds=None)
 
 
+def grade_response(gold: str, response: str) -> bool:
+    """Whether the final boxed answer of ``response`` equals ``gold``, in this process (what a child runs)."""
+    from orchestrator.answer import final_answer  # not at module level: the parent need not import it
+
+    pred = final_answer(response)
+    return pred is not None and answers_equal(gold, pred)
+
+
 def _serve() -> None:
-    """Child main loop: one JSON request per stdin line, one JSON reply per stdout line."""
+    """Child main loop: one JSON request per stdin line, one JSON reply per stdout line.
+
+    Ctrl-C reaches the children with the parent (one process group): they ignore it and
+    leave the interrupt to the parent, which stops them, instead of each printing a
+    KeyboardInterrupt traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed by sympy & co goes to stderr, never into the replies
     logging.disable(logging.WARNING)  # math-verify warns that its timeouts are off: the parent enforces them
@@ -206,7 +218,7 @@ def _serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            reply: dict[str, Any] = {"ok": answers_equal(request["gold"], request["pred"])}
+            reply: dict[str, Any] = {"ok": grade_response(request["gold"], request["response"])}
         except Exception as e:
             reply = {"error": f"{type(e).__name__}: {e}"}
         replies.write(json.dumps(reply) + "\n")

@@ -12,6 +12,7 @@ import pytest
 
 from evals.datasets import load_dataset
 from evals.grading import default_grader, grade
+from orchestrator.answer import final_answer
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,40 @@ def test_a_hanging_grade_times_out_and_the_grader_recovers(caplog):
     assert "no answer in 1.0s" in caplog.text
     assert grade("\\boxed{2}", "2", SLACK_S)
 
+
+
+# ---------------------------------------------------------------- answer extraction (issue 13, item 4)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("\\boxed{3} Wait. \\boxed{4}", "4"),
+    ("\\boxed{3} then \\boxed{4", "3"),  # an unclosed last box: the last one that closes
+    ("\\boxed{a \\boxed{b}", "b"),
+    ("\\boxed{\\boxed{7}}", "7"),
+    ("\\boxed {x}", "x"),
+    ("\\boxed{ 5 }", "5"),
+    ("} stray \\boxed{1}}", "1"),
+    ("\\boxedx{1} \\box{2}", None),
+    ("no box at all", None),
+    ("\\boxed{1}</think>\\boxed{2}", "2"),
+    ("\\boxed{1}</think> and no box after", "1"),
+])
+def test_final_answer_is_the_last_closed_box(text, expected):
+    assert final_answer(text) == expected
+
+
+@pytest.mark.timeout(60)
+def test_final_answer_is_linear_in_the_response():
+    for text in ("\\boxed{" * 20000, "\\boxed{" * 20000 + "\\boxed{1}", "{" * 100000 + "\\boxed{2}" + "}" * 100000):
+        start = time.perf_counter()
+        final_answer(text)
+        assert time.perf_counter() - start < 1.0  # was 152 s for 20000 unclosed boxes (quadratic rescans)
+
+
+@pytest.mark.timeout(120)
+def test_a_pathological_response_is_graded_inside_its_timeout():
+    grade("\\boxed{1}", "1", SLACK_S)  # a grading process is up: what follows measures the grade alone
+    start = time.perf_counter()
+    assert grade("\\boxed{" * 200000 + "\\boxed{1}", "1", timeout=5.0)  # extraction runs in the guarded child
+    assert time.perf_counter() - start < 5.0 + 10
