@@ -7,8 +7,9 @@ persistent child processes (``python -m evals.grading``: started with ``subproce
 nothing depends on the parent's ``__main__``, threads or fork-safety), and the parent
 enforces the timeout: a child that does not answer in time is killed and replaced on the
 next grade. The child also extracts the answer from the response, so the timeout covers
-everything a grade does with model output, however long or odd it is. A child imports sympy once (about a second); after that a grade is a JSON
-line each way plus math-verify's own work, a few milliseconds.
+everything a grade does with model output, however long or odd it is. A child imports
+sympy once (about a second); after that a grade is a JSON line each way plus math-verify's
+own work, a few milliseconds.
 
 Both answers are parsed the same way: wrapped in ``\\boxed{}`` (when not boxed already)
 and extracted as LaTeX with the box first. Plain gold answers such as ``\\frac{1}{2}``,
