@@ -9,6 +9,7 @@ each ``every`` finished problems, for long runs whose log should show they are a
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import IO, Any, Protocol
@@ -70,3 +71,17 @@ def progress_bar(total: int, initial: int = 0, desc: str = "", unit: str = "solv
 
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
     return LineProgress(total, initial=initial, desc=desc, unit=unit, every=every, disable=disable)
+
+
+def quiet_library_progress() -> None:
+    """Silence the libraries' own bars (transformers' "Loading weights", hub downloads) off a terminal.
+
+    Through ``HF_HUB_DISABLE_PROGRESS_BARS``, read when transformers is imported, so that child
+    processes (Ray actors, vLLM engines) inherit it; an already imported transformers is told directly.
+    """
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging_module = sys.modules.get("transformers.utils.logging")
+    if logging_module is not None:
+        logging_module.disable_progress_bar()

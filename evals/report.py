@@ -8,14 +8,15 @@ speed/accuracy trade-off reads at a glance next to the baselines' single points.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
+
+from evals.plots import plot_tradeoff, tradeoff_title
 
 #: Columns of the report table, in order.
 REPORT_COLUMNS = (
@@ -63,28 +64,13 @@ def read_summary(folder: Path) -> dict[str, Any]:
         raise ReportError(f"cannot read {path}: {e}") from e
 
 
-def plot_accuracy_latency(rows: Iterable[Mapping[str, Any]], path: Path) -> None:
-    """Accuracy against mean latency: a point per run, labelled, one line per policy."""
-    fig = Figure(figsize=(7, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    by_policy: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        if row.get("accuracy") is not None and row.get("mean_latency_s") is not None:
-            by_policy.setdefault(str(row.get("policy")), []).append(row)
-    for policy, group in by_policy.items():
-        group = sorted(group, key=lambda r: r["mean_latency_s"])
-        xs = [r["mean_latency_s"] for r in group]
-        ys = [r["accuracy"] for r in group]
-        ax.plot(xs, ys, marker="o", linestyle="-" if len(group) > 1 else "none", label=policy)
-        for r, x, y in zip(group, xs, ys):
-            ax.annotate(str(r.get("config")), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("mean latency per problem (s)")
-    ax.set_ylabel("accuracy (pass@1)")
-    ax.grid(alpha=0.3)
-    if by_policy:
-        ax.legend(title="policy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+def plot_accuracy_latency(rows: Iterable[Mapping[str, Any]], path: Path, title: str | None = None) -> None:
+    """Accuracy against mean latency: a point per run, labelled without overlaps, one line per policy.
+
+    The default title names the dataset, n and this machine (a report is drawn where it was run).
+    """
+    rows = list(rows)
+    plot_tradeoff(rows, path, title=title or tradeoff_title(rows))
 
 
 def fmt(value: Any) -> str:
@@ -113,3 +99,67 @@ def print_report(rows: Sequence[Mapping[str, Any]], console: Console | None = No
     for row in rows:
         table.add_row(*(fmt(row.get(c)) for c in columns))
     (console or Console()).print(table)
+
+
+# ---------------------------------------------------------------- compact tables (terminal and Markdown)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: the row key it shows, a short header with its unit, and how a cell reads."""
+
+    key: str
+    header: str
+    cell: Callable[[Any], str] = str
+    numeric: bool = True
+
+
+def _num(spec: str) -> Callable[[Any], str]:
+    return lambda v: "-" if v is None else format(v, spec)
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _speedup(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+#: The columns a researcher reads first; everything else (and full precision) is in the JSON.
+COMPACT_COLUMNS: tuple[Column, ...] = (
+    Column("config", "config", str, numeric=False),
+    Column("accuracy", "acc", _num(".3f")),
+    Column("mean_latency_s", "s/problem", _num(".3f")),
+    Column("speedup", "speedup", _speedup),
+    Column("large_token_share", "large %", _pct),
+    Column("acceptance_rate", "accept %", _pct),
+)
+
+
+def compact_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column] = COMPACT_COLUMNS,
+                  title: str | None = None, caption: str | None = None) -> Table:
+    """A rich table that fits 80 columns: numeric cells and all headers never wrap; names fold."""
+    table = Table(title=title, caption=caption)
+    for c in columns:
+        if c.numeric:
+            table.add_column(c.header, justify="right", no_wrap=True)
+        else:
+            table.add_column(c.header, overflow="fold", min_width=len(c.header))
+    for row in rows:
+        table.add_row(*(c.cell(row.get(c.key)) for c in columns))
+    return table
+
+
+def print_compact(rows: Sequence[Mapping[str, Any]], console: Console | None = None,
+                  columns: Sequence[Column] = COMPACT_COLUMNS, title: str | None = None,
+                  caption: str | None = None) -> None:
+    (console or Console()).print(compact_table(rows, columns, title, caption))
+
+
+def compact_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column] = COMPACT_COLUMNS) -> str:
+    """The compact table as Markdown (numbers right-aligned)."""
+    lines = ["| " + " | ".join(c.header for c in columns) + " |",
+             "|" + "|".join("---:" if c.numeric else "---" for c in columns) + "|"]
+    lines += ["| " + " | ".join(c.cell(row.get(c.key)).replace("|", "\\|") for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ from evals.datasets import Problem, load_dataset
 from evals.grading import default_grader, grade
 from evals.progress import progress_bar
 from evals.report import build_report, fmt, markdown_table
+from orchestrator.config import RunConfig, load_config
 from orchestrator.core import Orchestrator
 from orchestrator.session import Result
 
@@ -306,16 +307,25 @@ async def run_bench(
     dirs: list[Path] = []
     for name in config_names:
         run_dir = out_dir / _slug(name, taken={d.name for d in dirs})
-        orch = Orchestrator.from_config(name, overrides)
-        try:
-            await run_eval(orch, problems, run_dir, concurrency=concurrency, samples=samples, resume=resume,
-                           overwrite=overwrite, progress=progress, dataset=dataset)
-        finally:
-            await orch.aclose()
+        await eval_config(load_config(name, overrides), problems, run_dir, concurrency=concurrency, samples=samples,
+                          resume=resume, overwrite=overwrite, progress=progress, dataset=dataset)
         dirs.append(run_dir)
     rows = build_report(dirs, out_dir / "bench.md")
     (out_dir / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+async def eval_config(config: RunConfig, problems: Sequence[Problem], out_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    """``run_eval`` of one config on fresh workers, closed afterwards (bench and sweep run configs this way).
+
+    Fresh workers per config keep memory to one run's models and keep one run's KV caches from
+    serving the next run's identical prompts, which would flatter the latency of later runs.
+    """
+    orch = Orchestrator(config)
+    try:
+        return await run_eval(orch, problems, out_dir, **kwargs)
+    finally:
+        await orch.aclose()
 
 
 # ---------------------------------------------------------------- helpers

@@ -1,4 +1,4 @@
-"""The ``reasonspec`` command line: run, eval, bench, report, serve.
+"""The ``reasonspec`` command line: run, eval, bench, sweep, report, serve.
 
 The CLI is the application layer on top of everything (it may import evals);
 the library layers keep their one-way dependencies.
@@ -18,6 +18,14 @@ from orchestrator.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reasoning-level speculation orchestrator.")
 console = Console()
+
+
+@app.callback()
+def _quiet_logs() -> None:
+    """Reasoning-level speculation orchestrator."""
+    from evals.progress import quiet_library_progress
+
+    quiet_library_progress()  # off a terminal, library progress bars would print a line per redraw
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="config name (arith/specreason) or YAML path")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="dotted override, e.g. models.large.backend=vllm")]
@@ -116,7 +124,7 @@ def bench(
     set: SetOpt = None,
 ) -> None:
     """The same problems through several configs: one table, bench.json/md/png."""
-    from evals.report import print_report
+    from evals.report import print_compact
     from evals.runner import run_bench
 
     configs = list(configs) + list(ctx.args)  # `--configs C1 C2 C3`: typer binds C1, the rest arrive as extra args
@@ -125,9 +133,48 @@ def bench(
         _load(c, set)  # fail fast on any bad config before running the first one
     rows = asyncio.run(run_bench(configs, dataset, limit, concurrency, out, set, dataset_path=dataset_path,
                                  resume=resume, overwrite=overwrite))
-    print_report(rows, console, columns=("config", "accuracy", "mean_latency_s", "total_wall_s", "speedup",
-                                         "large_token_share", "acceptance_rate"))
+    print_compact(rows, console, caption=f"speedup: total wall time against {rows[0]['config']}; "
+                                         "full precision in bench.json")
     console.print(f"{len(rows)} configs compared; see {out}/bench.md, bench.json, bench.png")
+
+
+@app.command()
+def sweep(
+    config: ConfigOpt,
+    grid: Annotated[list[str], typer.Option("--grid", help="key=v1,v2,... (repeat for a cartesian product), e.g. "
+                                                           "policy.threshold=3,5,7,9")],
+    dataset: Annotated[Optional[str], typer.Option(help="arith | math500 | aime24 | aime25 | jsonl")] = None,
+    dataset_path: Annotated[Optional[Path], typer.Option(help="local JSONL file")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1)] = None,
+    concurrency: Annotated[Optional[int], typer.Option(min=1)] = None,
+    samples: Annotated[Optional[int], typer.Option(min=1, help="seeded samples per problem (pass@1 over k)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="sweep folder (default runs/sweep-<config name>)")] = None,
+    baselines: Annotated[bool, typer.Option(help="run LargeOnly and SmallOnly of the same models")] = True,
+    resume: Annotated[bool, typer.Option(help="finish an interrupted sweep (or add grid points)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start every point afresh")] = False,
+    set: SetOpt = None,
+) -> None:
+    """Every point of a knob grid (and the baselines, once) on the same problems: sweep.json/md/png."""
+    from evals.report import print_compact
+    from evals.sweep import SWEEP_COLUMNS, GridError, parse_grid, plan_sweep, run_sweep, sweep_title
+
+    cfg = _load(config, set)
+    e = cfg.eval
+    try:
+        knobs = parse_grid(grid)
+        plan_sweep(config, knobs, set, baselines)  # fail fast on a bad grid key before the first run
+    except (GridError, ConfigError) as err:
+        console.print(f"[red]grid error:[/red] {err}")
+        raise typer.Exit(2) from None
+    out_dir = out or Path(f"runs/sweep-{cfg.name}")
+    result = asyncio.run(run_sweep(
+        config, knobs, out_dir, dataset=dataset or e.dataset, limit=limit or e.limit,
+        concurrency=concurrency or e.concurrency, overrides=set,
+        dataset_path=str(dataset_path) if dataset_path else e.dataset_path, split=e.split, fields=e.fields,
+        samples=samples or e.samples, resume=resume, overwrite=overwrite, baselines=baselines))
+    print_compact(result["rows"], console, columns=SWEEP_COLUMNS, title=sweep_title(result),
+                  caption=f"*: Pareto front; speedup against {result['speedup_baseline']}")
+    console.print(f"see {out_dir}/sweep.md, sweep.json, sweep.png")
 
 
 @app.command()
