@@ -39,6 +39,7 @@ class Point:
     x: float
     y: float
     label: str
+    color: str = "black"
 
 
 @cache
@@ -106,6 +107,7 @@ def place_labels(ax: Axes, points: Sequence[Point], fontsize: float = 8) -> list
         leader = max(abs(dx), abs(dy)) > _RINGS_PT[0]
         annotations.append(ax.annotate(
             p.label, (p.x, p.y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=fontsize,
+            color=p.color,
             arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.6, "shrinkA": 0, "shrinkB": 3} if leader else None,
         ))
     return annotations
@@ -126,16 +128,21 @@ def plot_tradeoff(rows: Iterable[Mapping[str, Any]], path: Path, *, title: str, 
     by_policy: dict[str, list[Mapping[str, Any]]] = {}
     for row in usable:
         by_policy.setdefault(str(row.get("policy")), []).append(row)
+    colors: dict[int, str] = {}  # id(row) -> its marker's colour, which its label takes (labels may sit apart)
     for policy, group in by_policy.items():
         group = sorted(group, key=lambda r: r["mean_latency_s"])
         xs = [r["mean_latency_s"] for r in group]
         ys = [100 * r["accuracy"] for r in group]
         if policy in BASELINE_STYLE:
             style = BASELINE_STYLE[policy]
-            ax.plot(xs, ys, linestyle="none", marker=style["marker"], markersize=8, markerfacecolor="white",
-                    markeredgecolor=style["color"], markeredgewidth=1.6, label=f"{policy} (baseline)", zorder=3)
+            (line,) = ax.plot(xs, ys, linestyle="none", marker=style["marker"], markersize=8, markerfacecolor="white",
+                              markeredgecolor=style["color"], markeredgewidth=1.6, label=f"{policy} (baseline)",
+                              zorder=3)
+            color = style["color"]
         else:
-            ax.plot(xs, ys, marker="o", linestyle="-" if len(group) > 1 else "none", label=policy, zorder=2)
+            (line,) = ax.plot(xs, ys, marker="o", linestyle="-" if len(group) > 1 else "none", label=policy, zorder=2)
+            color = line.get_color()
+        colors.update((id(r), color) for r in group)
     front = sorted((r for r in usable if r.get("pareto")), key=lambda r: r["mean_latency_s"])
     if pareto and front:
         ax.step([r["mean_latency_s"] for r in front], [100 * r["accuracy"] for r in front], where="post",
@@ -154,7 +161,7 @@ def plot_tradeoff(rows: Iterable[Mapping[str, Any]], path: Path, *, title: str, 
         # outside the axes: a legend inside may cover points or labels wherever "best" puts it
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
-    points = [Point(r["mean_latency_s"], 100 * r["accuracy"], str(r.get(label_key))) for r in usable]
+    points = [Point(r["mean_latency_s"], 100 * r["accuracy"], str(r.get(label_key)), colors[id(r)]) for r in usable]
     annotations = place_labels(ax, points)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return annotations
