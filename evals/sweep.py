@@ -122,6 +122,8 @@ def plan_sweep(config: str, grid: Mapping[str, Sequence[Any]], overrides: list[s
             raise GridError(f"grid point {point_text}: {e}") from None
         cfg.name = f"{base.name}[{label}]"
         folder = re.sub(r"[^A-Za-z0-9._=,+-]+", "-", ",".join(f"{names[k]}={_show(v)}" for k, v in point.items()))
+        if folder in {r.folder for r in runs}:  # values that differ only in characters a folder name drops
+            folder = f"{folder}-{len(runs)}"
         runs.append(SweepRun(label, "point", cfg, folder, dict(point)))
     return runs
 
