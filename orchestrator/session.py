@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from orchestrator.answer import final_answer
-from workers.protocol import Generation, GenParams, Worker
+from workers.protocol import Generation, GenParams, NextToken, Worker
 
 Role = str
 
@@ -174,8 +174,9 @@ class Session:
         self.metrics.add_call(role, 0, 1, s.prompt_tokens + len(continuation), s.cached_prompt_tokens)
         return s
 
-    async def next_token_logprobs(self, role: Role, prefix: list[int], candidates: list[int]) -> dict[int, float]:
-        out = await self.models[role].worker.next_token_logprobs(prefix, candidates)
+    async def next_token_logprobs(self, role: Role, prefix: list[int], candidates: list[int],
+                                  top_k: int = 0) -> NextToken:
+        out = await self.models[role].worker.next_token_logprobs(prefix, candidates, top_k)
         self.metrics.add_call(role, 0, 1, len(prefix), 0)
         return out
 
@@ -188,12 +189,15 @@ class Session:
 
     def append(self, author: Role, text: str, tokens: int, kind: str = "step", score: float | None = None,
                note: str | None = None) -> None:
-        """Accept ``text`` into the reasoning."""
+        """Accept ``text`` into the reasoning.
+
+        An answer in the text does not end the request: whether it does is the
+        policy's rule (SpecReason stops on an answer marker; the others run to EOS
+        or the budget, as their reference code does).
+        """
         self.reasoning += text
         self.metrics.accepted_tokens[author] = self.metrics.accepted_tokens.get(author, 0) + tokens
         self._emit(Segment(author=author, text=text, tokens=tokens, kind=kind, score=score, note=note))
-        if final_answer(self.reasoning) is not None:
-            self.finish("answer")
 
     def reject(self, author: Role, text: str, tokens: int, kind: str = "step", score: float | None = None,
                note: str | None = None) -> None:

@@ -5,9 +5,17 @@ pass. Token i is kept while its negative log-likelihood under the large model,
 optionally smoothed as r_i = beta * r_(i-1) + (1 - beta) * nll_i (beta = 0: no
 smoothing, r starts at the first token's nll each round), stays at or under
 ``epsilon`` (default 2.0, i.e. p_large > e^-2 ~ 0.135). At the first miss the large
-model's own token is used: its argmax under greedy decoding (read from the same
-scoring pass), a sample from it otherwise (one extra one-position scoring call, its
-prefix served from cache). The draft model's probabilities are not used.
+model's own token is used; when every draft token is kept, the large model's token
+for the next position follows (the bonus token, as in speculative decoding). Both
+come from the one scoring pass over the draft: its argmax under greedy decoding, a
+draw from its sampling distribution otherwise (``Scores.sampled``), so a round is
+one large-model call. The draft model's probabilities are not used.
+
+Defaults and sources: epsilon 2.0 (the paper's Chinchilla-fit convergence loss, as
+reported by secondary summaries of arXiv 2506.02391). beta: the paper's PDF could
+not be read from this machine; a secondary summary (papernotes.org) gives 0.2 for
+the EMA-smoothed variant. The default here is 0, the plain rule
+-log p_large(x_i) <= epsilon; ``beta: 0.2`` selects the smoothed variant.
 """
 
 from __future__ import annotations
@@ -35,13 +43,10 @@ class ConsultantDecoding(DraftVerifyPolicy):
 
     async def verify(self, session: Session, ids: list[int], draft: Generation) -> tuple[int, int | None]:
         p = self.params
-        greedy = session.params.greedy
-        s = await session.score("large", ids, draft.token_ids, top_k=1 if greedy else 0)
+        s = await session.score("large", ids, draft.token_ids, sample=session.gen_params())
         r = None
         for i, lp in enumerate(s.logprobs):
             r = -lp if r is None or p.beta == 0 else p.beta * r + (1 - p.beta) * -lp
             if r > p.epsilon:
-                if greedy:
-                    return i, max(s.top[i], key=s.top[i].get)
-                return i, await self.sample_large(session, ids + draft.token_ids[:i])
-        return len(draft.token_ids), None
+                return i, s.sampled[i]
+        return len(draft.token_ids), None if draft.finish_reason == "eos" else s.sampled[-1]

@@ -11,12 +11,13 @@ as reflection, a tie too), no cue a plain statement.
 - too many reflections (count >= ``neg_threshold``): the review prompt is
   inserted and the large model writes ``n3`` tokens; the count resets, ``n3`` and
   the threshold grow (``n3_step``/``neg_step``, capped), as in the reference code;
-- a statement: the small model goes on.
-
-Deviation, on purpose: the reference discards a statement probe and lets the
-small model resample from the delimiter. Keeping the probe is the same in
-distribution (it was sampled from that very context) and under greedy decoding
-the resample would reproduce it token for token, so it is kept and not paid twice.
+- a statement: the probe is discarded and the small model goes on from the
+  delimiter, writing afresh up to the next one, where the trigger is checked
+  again (the reference loop exactly). Keeping the probe instead would not be the
+  same: under sampling the kept text would be conditioned on being a statement,
+  and under greedy decoding a probe that crosses a delimiter would skip the
+  trigger check there. The price is a second small-model pass over the probe's
+  tokens (their prompt is served from the prefix cache).
 """
 
 from __future__ import annotations
@@ -97,11 +98,9 @@ class SpeculativeThinking(Policy):
             probe = await session.generate("small", max_tokens=p.n1)
             kind = classify(probe.text, p)
             session.metrics.proposed += 1
-            if kind == "statement":
+            if kind == "statement":  # the small model keeps control and resamples from the delimiter
                 session.metrics.accepted += 1
-                session.append("small", probe.text, len(probe.token_ids), kind="probe", note="statement")
-                if probe.finish_reason == "eos":
-                    session.finish("eos")
+                session.reject("small", probe.text, len(probe.token_ids), kind="probe", note="statement: resampled")
                 continue
             session.reject("small", probe.text, len(probe.token_ids), kind="probe", note=kind)
             session.metrics.handoffs += 1

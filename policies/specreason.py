@@ -7,28 +7,36 @@ pass costs about the suffix); the step is kept if the score reaches
 ``threshold``, else the large model writes that step itself.
 
 Judges:
-- ``prompt`` (the paper's): the large model answers a 0-9 rating prompt; the
-  score is read from the log-probabilities of the digit tokens. ``greedy`` takes
-  the most likely digit, and 0 when digits hold under half of the probability
-  (the paper scores a non-digit answer 0); ``expected`` is the mean digit under
-  the renormalised digit distribution (the paper's ``average``).
+- ``prompt`` (the paper's): the large model answers a 0-9 rating prompt in one
+  prefill-only pass that returns the top-10 of the next-token distribution, read
+  as the reference code reads it (``process_logprobs``): ``greedy`` takes the most
+  likely token over the whole vocabulary, a digit is the score and anything else
+  scores 0; ``expected`` (the reference's ``average``) is the mean digit under the
+  digits found among the top-10, renormalised (0 when there are none).
 - ``likelihood`` (training-free, for models that cannot follow a rating prompt):
   9 x the large model's geometric-mean probability of the step's own tokens.
 
-Options from the paper: the first ``first_n_large`` steps by the large model; a
-token budget counting accepted tokens only; stop on a boxed answer or on a step
-that repeats the previous one.
+As in the reference loop: the first ``first_n_large`` steps come from the large
+model unjudged; a step that contains an answer marker (``boxed``, ``Answer:``,
+``ANSWER:``) ends the request; ``</think>`` is removed from a step without one; a
+step cut at ``max_step_tokens`` is joined to the next with the delimiter like any
+other; the request also ends when a step repeats the previous one (from the third
+step on) or the accepted tokens reach the budget. Here the budget also caps each
+step, so a run never writes more than ``max_tokens``; an EOS ends the request (the
+reference's chat API would open a new turn).
 
 Beyond the paper (its "future work"), ``pipeline``: while the large model judges
-step k, the small model already drafts step k+1 as if k were accepted; the draft
-is discarded when k is rejected. With the two models on separate devices the
-judge leaves the critical path. Greedy outputs are identical either way.
+step k, the small model already drafts step k+1 as if k were accepted, within the
+budget left after k; the draft is discarded when k is rejected. With the two models
+on separate devices the judge leaves the critical path. Greedy outputs, budget
+included, are identical either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -52,6 +60,21 @@ class SpecReasonParams(PolicyParams):
     pipeline: bool = Field(True, description="draft the next small step while the current one is judged")
     judge_instruction: str = DEFAULT_INSTRUCTION
     judge_prefill: str = DEFAULT_PREFILL
+    answer_markers: list[str] = Field(["boxed", "Answer:", "ANSWER:"], description="a step with one ends the request")
+
+
+JUDGE_TOP_K = 10  # the reference asks the judge pass for top_logprobs=10
+
+
+def read_score(top: dict[int, float], decode: Callable[[list[int]], str], method: str) -> float:
+    """A 0-9 judge score from the top-k of the judge position, as the reference reads it."""
+    digits = {t: lp for t, lp in top.items() if decode([t]).isdigit()}
+    if method == "greedy":
+        best = max(top, key=top.get) if top else None
+        return float(int(decode([best]))) if best in digits else 0.0
+    probs = {int(decode([t])): math.exp(lp) for t, lp in digits.items()}
+    mass = sum(probs.values())
+    return sum(d * q for d, q in probs.items()) / mass if mass > 0 else 0.0
 
 
 class SpecReason(Policy):
@@ -65,12 +88,6 @@ class SpecReason(Policy):
             large = models["large"]
             self._suffix = large.encode(judge_suffix_text(large.tokenizer, self.params.judge_instruction,
                                                           self.params.judge_prefill))
-            self._digits = {}
-            for d in range(10):
-                ids = large.encode(str(d))
-                if len(ids) != 1:
-                    raise ValueError(f"the large model's tokenizer splits the digit {d}: cannot read a 0-9 judge score")
-                self._digits[ids[0]] = d
 
     async def judge(self, session: Session, step: str) -> float:
         p = self.params
@@ -82,16 +99,29 @@ class SpecReason(Policy):
             s = await session.score("large", prefix, cont)
             return 9.0 * math.exp(sum(s.logprobs) / len(s.logprobs))
         ids = session.ids("large", step + p.delimiter) + self._suffix
-        lp = await session.next_token_logprobs("large", ids, list(self._digits))
-        probs = {self._digits[t]: math.exp(v) for t, v in lp.items()}
-        mass = sum(probs.values())
-        if p.score_method == "expected":
-            return sum(d * q for d, q in probs.items()) / mass if mass > 0 else 0.0
-        return float(max(probs, key=probs.get)) if mass >= 0.5 else 0.0
+        read = await session.next_token_logprobs("large", ids, [], top_k=JUDGE_TOP_K)
+        return read_score(read.top, session.models["large"].decode, p.score_method)
 
-    async def _step(self, session: Session, role: str, extra: str = "") -> Generation:
+    def _has_answer(self, step: str) -> bool:
+        return any(m in step for m in self.params.answer_markers)
+
+    def _kept_text(self, g: Generation) -> str:
+        """What an accepted step adds to the reasoning: ``</think>`` dropped unless it answers, then the delimiter."""
+        step = g.text if self._has_answer(g.text) else g.text.replace("</think>", "")
+        return step + ("" if g.finish_reason == "eos" else self.params.delimiter)
+
+    async def _step(self, session: Session, role: str, extra: str = "", budget: int | None = None) -> Generation:
         p = self.params
-        return await session.generate(role, ids=session.ids(role, extra), stop=[p.delimiter], max_tokens=p.max_step_tokens)
+        budget = session.budget_left if budget is None else budget
+        return await session.generate(role, ids=session.ids(role, extra), stop=[p.delimiter],
+                                      max_tokens=min(p.max_step_tokens, budget))
+
+    def _draft_ahead(self, session: Session, g: Generation) -> asyncio.Future | None:
+        """Start drafting the step after ``g`` as if ``g`` were accepted, within the budget left after it."""
+        budget = session.budget_left - len(g.token_ids)
+        if g.finish_reason == "eos" or budget <= 0 or self._has_answer(g.text):
+            return None  # accepting g ends the request: nothing comes after it
+        return asyncio.ensure_future(self._step(session, "small", self._kept_text(g), budget))
 
     async def run(self, session: Session) -> None:
         p = self.params
@@ -108,8 +138,8 @@ class SpecReason(Policy):
                     g = await ahead if ahead is not None else await self._step(session, "small")
                     ahead = None
                     judging = asyncio.ensure_future(self.judge(session, g.text))
-                    if p.pipeline and g.finish_reason == "stop":
-                        ahead = asyncio.ensure_future(self._step(session, "small", g.text + p.delimiter))
+                    if p.pipeline:
+                        ahead = self._draft_ahead(session, g)
                     score = await judging
                     session.metrics.proposed += 1
                     if score >= p.threshold:
@@ -123,12 +153,13 @@ class SpecReason(Policy):
                         author, score = "large", None
                         g = await self._step(session, "large")
                 n_steps += 1
-                step = g.text
-                session.append(author, step + (p.delimiter if g.finish_reason == "stop" else ""), len(g.token_ids),
-                               score=score)
+                step = self._kept_text(g)
+                session.append(author, step, len(g.token_ids), score=score)
                 if g.finish_reason == "eos":
                     session.finish("eos")
-                elif step.strip() and step == previous:
+                elif self._has_answer(step):
+                    session.finish("answer")
+                elif n_steps > 2 and step == previous:
                     session.finish("repeat")
                 previous = step
         finally:

@@ -51,13 +51,12 @@ class SpeculativeDecoding(DraftVerifyPolicy):
         tokens = draft.token_ids
         ended = draft.finish_reason == "eos"
         sp = session.params
-        if sp.greedy:
-            s = await session.score("large", ids, tokens, top_k=1, full_next=not ended)
+        if sp.greedy:  # keep draft tokens equal to the large model's argmax (read in the worker: no rows cross)
+            s = await session.score("large", ids, tokens, sample=session.gen_params())
             for i, x in enumerate(tokens):
-                best = max(s.top[i], key=s.top[i].get)
-                if best != x:
-                    return i, best
-            return len(tokens), None if ended else int(torch.tensor(s.next_logprobs).argmax())
+                if s.sampled[i] != x:
+                    return i, s.sampled[i]
+            return len(tokens), None if ended else s.sampled[-1]
         ps = await session.score("large", ids, tokens, full_dists=True, full_next=not ended)
         qs = await session.score("small", ids, tokens, full_dists=True)
         probs = lambda rows: sampling_probs(torch.tensor(rows), sp.temperature, sp.top_k, sp.top_p)  # noqa: E731

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field
 
 from policies.base import Policy, PolicyParams
-from workers.sampling import sampling_probs
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -31,16 +29,12 @@ class DraftVerifyPolicy(Policy):
     params: DraftVerifyParams
 
     async def verify(self, session: Session, ids: list[int], draft: Generation) -> tuple[int, int | None]:
-        """(number of draft tokens kept, the large model's next token or None)."""
-        raise NotImplementedError
+        """(number of draft tokens kept, the large model's next token or None).
 
-    @staticmethod
-    async def sample_large(session: Session, ids: list[int]) -> int:
-        """A token from the large model's sampling distribution after ``ids`` (prefix from cache)."""
-        s = await session.score("large", ids, [], full_next=True)
-        p = session.params
-        probs = sampling_probs(torch.tensor(s.next_logprobs), p.temperature, p.top_k, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=session.generator()))
+        The next token replaces the first rejected draft token, or follows a fully
+        accepted draft (the bonus token); it comes from the same scoring pass.
+        """
+        raise NotImplementedError
 
     async def run(self, session: Session) -> None:
         large = session.models["large"]
@@ -65,8 +59,10 @@ class DraftVerifyPolicy(Policy):
             session.metrics.accepted += n_keep
             if kept:
                 emit("small", kept)
-            if nxt is not None and not session.finished:
+            written = list(kept)
+            if nxt is not None and not session.out_of_budget:  # a bonus token never overruns the budget
                 session.metrics.handoffs += n_keep < len(draft.token_ids)
                 emit("large", [nxt])
-            if eos & set(kept + ([nxt] if nxt is not None else [])):
+                written.append(nxt)
+            if eos & set(written):
                 session.finish("eos")

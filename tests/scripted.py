@@ -14,7 +14,7 @@ from collections import deque
 import torch
 
 from orchestrator.session import ModelHandle, Session
-from workers.protocol import Generation, GenParams, Scores, WorkerInfo, WorkerStats
+from workers.protocol import Generation, GenParams, NextToken, Scores, WorkerInfo, WorkerStats
 from workers.sampling import sampling_probs
 
 EOS = 3
@@ -51,9 +51,13 @@ class _Base:
 
 
 class ScriptedWorker(_Base):
-    """Returns scripted generations (text, finish_reason) and judge scores in order."""
+    """Returns scripted generations (text, finish_reason) and judge reads in order.
 
-    def __init__(self, generations: list[tuple[str, str]] = (), judge_scores: list[int] = ()):
+    A judge read is a digit (the judge position puts 0.9 on it, 0.01 on each other
+    digit) or a ``{character: probability}`` table of the judge position's top tokens.
+    """
+
+    def __init__(self, generations: list[tuple[str, str]] = (), judge_scores: list[int | dict[str, float]] = ()):
         super().__init__()
         self.generations = deque(generations)
         self.judge_scores = deque(judge_scores)
@@ -65,10 +69,13 @@ class ScriptedWorker(_Base):
         return Generation(token_ids=ids + ([EOS] if reason == "eos" else []), text=text, finish_reason=reason,
                           stop_reason=params.stop[0] if reason == "stop" else None)
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]:
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
         self.calls.append(("judge", (len(prefix_ids),)))
         d = self.judge_scores.popleft()
-        return {c: (math.log(0.9) if c == ord(str(d)) else math.log(0.1 / 9)) for c in candidates}
+        table = d if isinstance(d, dict) else {str(i): 0.9 if i == d else 0.01 for i in range(10)}
+        lps = {ord(c): math.log(q) for c, q in table.items()}
+        top = dict(sorted(lps.items(), key=lambda kv: -kv[1])[:top_k])
+        return NextToken(candidates={c: lps.get(c, -math.inf) for c in candidates}, top=top)
 
     async def score(self, prefix_ids, continuation_ids, **kw) -> Scores:
         raise AssertionError("not scripted")
@@ -99,20 +106,28 @@ class TableWorker(_Base):
         return Generation(token_ids=out, text="", finish_reason="eos" if out[-1] == EOS else "length")
 
     async def score(self, prefix_ids, continuation_ids, top_k=0, entropies=False, full_dists=False,
-                    full_next=False) -> Scores:
+                    full_next=False, sample: GenParams | None = None) -> Scores:
+        self.calls.append(("score", (len(prefix_ids), len(continuation_ids))))
         n = len(prefix_ids)
-        rows = [torch.log_softmax(self._row(n + i), -1) for i in range(len(continuation_ids))]
-        nxt = torch.log_softmax(self._row(n + len(continuation_ids)), -1)
+        rows = [torch.log_softmax(self._row(n + i), -1) for i in range(len(continuation_ids) + 1)]
+        sampled = None
+        if sample is not None:
+            g = torch.Generator().manual_seed(sample.seed or 0)
+            sampled = [int(r.argmax()) if sample.greedy else int(torch.multinomial(
+                sampling_probs(r, sample.temperature, sample.top_k, sample.top_p), 1, generator=g)) for r in rows]
+        rows, nxt = rows[:-1], rows[-1]
         return Scores(
             logprobs=[float(r[t]) for r, t in zip(rows, continuation_ids)],
             top=[{int(r.argmax()): float(r.max())} for r in rows] if top_k else None,
             dists=[r.tolist() for r in rows] if full_dists else None,
             next_logprobs=nxt.tolist() if full_next else None,
+            sampled=sampled,
         )
 
-    async def next_token_logprobs(self, prefix_ids, candidates):
+    async def next_token_logprobs(self, prefix_ids, candidates, top_k=0) -> NextToken:
         row = torch.log_softmax(self._row(len(prefix_ids)), -1)
-        return {c: float(row[c]) for c in candidates}
+        vals, idx = row.topk(min(top_k, len(row))) if top_k else (torch.tensor([]), torch.tensor([], dtype=torch.long))
+        return NextToken(candidates={c: float(row[c]) for c in candidates}, top=dict(zip(idx.tolist(), vals.tolist())))
 
 
 def make_session(small, large, *, max_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
@@ -122,3 +137,77 @@ def make_session(small, large, *, max_tokens: int = 200, temperature: float = 0.
     prompt = prompt if prompt is not None else [1]
     return Session(problem="p", models=models, prompt_ids={"small": list(prompt), "large": list(prompt)},
                    params=GenParams(temperature=temperature, max_tokens=max_tokens), max_tokens=max_tokens, seed=seed)
+
+
+class ChoiceWorker(_Base):
+    """A text-level model for policy probes: ``script(context)`` lists the continuations it may write.
+
+    Each generate call draws one continuation (weighted, with the call's seed; the
+    first under greedy decoding) and writes it through the usual stop strings and
+    ``max_tokens``; a continuation written to its end finishes with EOS. Token ids
+    are characters (``CharTokenizer``) and include the stop string, as the hf backend's
+    do. ``judge(context)`` gives the digit a judge read returns (9 by default). The
+    context is the text after the first ``prompt_len`` ids.
+    """
+
+    def __init__(self, script, judge=None, prompt_len: int = 1):
+        super().__init__()
+        self.script, self.judge, self.prompt_len = script, judge, prompt_len
+
+    def _context(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids[self.prompt_len:] if i != EOS)
+
+    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
+        self.calls.append(("generate", (len(prompt_ids), params.max_tokens)))
+        choices = self.script(self._context(prompt_ids))
+        if params.greedy:
+            text = choices[0][0]
+        else:
+            import random
+            text = random.Random(params.seed).choices([c for c, _ in choices], [w for _, w in choices])[0]
+        ends = [(text.find(s) + len(s), s) for s in params.stop if s in text]
+        cut, stop = min(ends) if ends else (len(text), None)
+        if cut > params.max_tokens:
+            return Generation(token_ids=[ord(c) for c in text[: params.max_tokens]], text=text[: params.max_tokens],
+                              finish_reason="length")
+        if stop is not None:
+            return Generation(token_ids=[ord(c) for c in text[:cut]], text=text[: cut - len(stop)],
+                              finish_reason="stop", stop_reason=stop)
+        if len(text) >= params.max_tokens:
+            return Generation(token_ids=[ord(c) for c in text[: params.max_tokens]], text=text[: params.max_tokens],
+                              finish_reason="length")
+        return Generation(token_ids=[ord(c) for c in text] + [EOS], text=text, finish_reason="eos")
+
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
+        self.calls.append(("judge", (len(prefix_ids),)))
+        d = 9 if self.judge is None else self.judge(self._context(prefix_ids))
+        lps = {ord(str(i)): math.log(0.9 if i == d else 0.01) for i in range(10)}
+        top = dict(sorted(lps.items(), key=lambda kv: -kv[1])[:top_k])
+        return NextToken(candidates={c: lps.get(c, -math.inf) for c in candidates}, top=top)
+
+    async def score(self, prefix_ids, continuation_ids, top_k=0, entropies=False, full_dists=False,
+                    full_next=False, sample: GenParams | None = None) -> Scores:
+        """Greedy documents only: 0.9 on the first choice's next character (EOS at its end)."""
+        self.calls.append(("score", (len(prefix_ids), len(continuation_ids))))
+        ids = list(prefix_ids)
+        logprobs, best = [], []
+        for t in [*continuation_ids, None]:
+            text = self.script(self._context(ids))[0][0]
+            nxt = ord(text[0]) if text else EOS
+            best.append(nxt)
+            if t is not None:
+                logprobs.append(math.log(0.9) if t == nxt else math.log(0.1 / 255))
+                ids.append(t)
+        return Scores(logprobs=logprobs, sampled=best if sample is not None else None)
+
+
+def document(doc: str, strict: bool = True):
+    """A ``ChoiceWorker`` script that writes ``doc`` from the context's length on.
+
+    ``strict``: the context must be a prefix of ``doc`` (the model wrote all of it);
+    otherwise the model writes ``doc``'s characters by position whatever came before.
+    """
+    def script(context: str) -> list[tuple[str, float]]:
+        assert not strict or doc.startswith(context), (context, doc)
+        return [(doc[len(context):], 1.0)]
+    return script

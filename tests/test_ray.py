@@ -206,10 +206,10 @@ async def test_ray_worker_matches_the_in_process_worker(ray_cluster: None, small
         assert s_got.entropies == pytest.approx(s_want.entropies, abs=1e-4)
         assert [t.keys() for t in s_got.top] == [t.keys() for t in s_want.top]
         digits = tokenizer.convert_tokens_to_ids([str(d) for d in range(10)])
-        n_got = await w.next_token_logprobs(ids + cont, digits)
-        n_want = await small_local.next_token_logprobs(ids + cont, digits)
-        assert n_got.keys() == n_want.keys()
-        assert list(n_got.values()) == pytest.approx(list(n_want.values()), abs=1e-4)
+        n_got = await w.next_token_logprobs(ids + cont, digits, top_k=4)
+        n_want = await small_local.next_token_logprobs(ids + cont, digits, top_k=4)
+        assert n_got.candidates.keys() == n_want.candidates.keys() and list(n_got.top) == list(n_want.top)
+        assert list(n_got.candidates.values()) == pytest.approx(list(n_want.candidates.values()), abs=1e-4)
         stats = await w.stats()
         assert stats.requests == 3 and stats.generated_tokens == 24
         with pytest.raises(WorkerError, match="small model .*generate failed: generate needs a non-empty prompt"):

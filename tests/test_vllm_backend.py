@@ -143,10 +143,11 @@ async def test_score_reads_prefix_cache_and_stays_exact(worker, hf, tok):
 async def test_next_token_logprobs_matches_transformers(worker, hf, tok):
     ids = chat(tok, "53 + 51 - 6") + tok.encode("53 + 51 = ")
     digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
-    got = await worker.next_token_logprobs(ids, digits)
+    got = await worker.next_token_logprobs(ids, digits, top_k=3)
     ref = hf_logprobs(hf, ids)[-1]
-    assert set(got) == set(digits)
-    assert max(abs(got[d] - ref[d].item()) for d in digits) < 1e-3
+    assert set(got.candidates) == set(digits)
+    assert max(abs(got.candidates[d] - ref[d].item()) for d in digits) < 1e-3
+    assert list(got.top) == ref.topk(3).indices.tolist()
 
 
 async def test_generation_logprobs(worker, hf, tok):

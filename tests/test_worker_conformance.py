@@ -87,8 +87,27 @@ async def test_score_and_next_token_logprobs_match_transformers(small_worker, to
     assert len(s.top) == len(cont) and all(len(t) == 3 for t in s.top)
     assert max(range(len(s.next_logprobs)), key=s.next_logprobs.__getitem__) == int(lp[-1].argmax())
     digits = [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
-    nxt = await small_worker.next_token_logprobs(ids + cont, digits)
-    assert [nxt[d] for d in digits] == pytest.approx([float(lp[-1, d]) for d in digits], abs=1e-3)
+    nxt = await small_worker.next_token_logprobs(ids + cont, digits, top_k=5)
+    assert [nxt.candidates[d] for d in digits] == pytest.approx([float(lp[-1, d]) for d in digits], abs=1e-3)
+    want_top = lp[-1].topk(5)
+    assert list(nxt.top) == want_top.indices.tolist()  # most likely first
+    assert list(nxt.top.values()) == pytest.approx(want_top.values.tolist(), abs=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+async def test_score_returns_the_model_tokens_from_the_same_pass(small_worker, tok, ref, temperature):
+    """``sampled``: the argmax (greedy) or a seeded draw at each continuation position and after the last."""
+    ids = ids_for(tok, PROBLEMS[4])
+    cont = tok.encode("70 - 33 = 37\n\n", add_special_tokens=False)
+    lp = ref_logprobs(ref, ids + cont)[len(ids) - 1 :]
+    params = GenParams(temperature=temperature, seed=7)
+    s = await small_worker.score(ids, cont, sample=params)
+    assert s.dists is None and s.next_logprobs is None and len(s.sampled) == len(cont) + 1
+    if temperature == 0:
+        assert s.sampled == lp.argmax(-1).tolist()
+    else:
+        assert all(lp[j, t] > -30 for j, t in enumerate(s.sampled))  # drawn from each row's support
+        assert (await small_worker.score(ids, cont, sample=params)).sampled == s.sampled  # seeded
 
 
 async def test_generation_logprobs_agree_with_score(small_worker, tok):

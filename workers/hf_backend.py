@@ -32,7 +32,9 @@ from transformers.cache_utils import DynamicCache
 
 from workers.prefix_cache import KV, PrefixCache
 from workers.sampling import sampling_probs
-from workers.protocol import Generation, GenParams, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats, vocab_fingerprint
+from workers.protocol import (
+    Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats, vocab_fingerprint,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,6 +90,7 @@ class _Request:
     entropies: bool = False
     full_dists: bool = False
     full_next: bool = False
+    sample: GenParams | None = None
     candidates: list[int] = field(default_factory=list)
     # runtime state
     kv: KV | None = None
@@ -187,19 +190,21 @@ class HFWorker:
         entropies: bool = False,
         full_dists: bool = False,
         full_next: bool = False,
+        sample: GenParams | None = None,
     ) -> Scores:
         if not prefix_ids:
             raise WorkerError("score needs a non-empty prefix")
         req = _Request(
             "score", list(prefix_ids) + list(continuation_ids), *self._future(), n_prefix=len(prefix_ids),
-            top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next,
+            top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next, sample=sample,
         )
         return await self._submit(req)
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]:
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
         if not prefix_ids:
             raise WorkerError("next_token_logprobs needs a non-empty prefix")
-        req = _Request("next", list(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates))
+        req = _Request("next", list(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates),
+                       top_k=top_k)
         return await self._submit(req)
 
     async def info(self) -> WorkerInfo:
@@ -338,8 +343,12 @@ class HFWorker:
             r.forward_passes += 1
             self.cache.put(r.ids, kv, replaces=r.source)
             if r.kind == "next":
-                lp = torch.log_softmax(lg[-1], -1)
-                r.resolve({c: float(lp[c]) for c in r.candidates})
+                lp = torch.log_softmax(lg[-1].float(), -1)
+                top = {}
+                if r.top_k:
+                    vals, idx = lp.topk(min(r.top_k, lp.shape[-1]))
+                    top = dict(zip(idx.tolist(), vals.tolist()))
+                r.resolve(NextToken(candidates={c: float(lp[c]) for c in r.candidates}, top=top))
             elif r.kind == "score":
                 r.resolve(self._scores(r, lg))
             else:
@@ -371,7 +380,16 @@ class HFWorker:
             out.dists = lp.tolist()
         if r.full_next:
             out.next_logprobs = torch.log_softmax(lg[first + len(cont)], -1).tolist()
+        if r.sample is not None:
+            out.sampled = self._draw(lg[first : first + len(cont) + 1], r.sample)
         return out
+
+    def _draw(self, logits: torch.Tensor, params: GenParams) -> list[int]:
+        """The model's own token at each row: argmax under greedy params, else one seeded draw per row."""
+        if params.greedy:
+            return logits.argmax(-1).tolist()
+        probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+        return torch.multinomial(probs, 1, generator=self._rng(params))[:, 0].tolist()
 
     # ---------------------------------------------------------------- decode
 

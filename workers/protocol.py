@@ -19,7 +19,13 @@ class _Msg(BaseModel):
 
 
 class GenParams(_Msg):
-    """How to continue a token sequence (the subset of vLLM's SamplingParams we rely on)."""
+    """How to continue a token sequence (the subset of vLLM's SamplingParams we rely on).
+
+    Strict and finite: a backend must never be asked for ``max_tokens=True`` (lax pydantic
+    reads it as 1) or an infinite temperature (NaN probabilities in the sampler).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     max_tokens: int = Field(256, ge=1)
     stop: list[str] = Field(default_factory=list)
@@ -57,6 +63,13 @@ class Scores(_Msg):
 
     ``next_logprobs`` is the log-distribution after the last continuation token
     when asked (``full_next=True``): lossless verification needs it for the bonus token.
+
+    ``sampled`` (when ``sample`` params are given) is the model's own token at each
+    continuation position and at the position after the last one: the argmax under
+    greedy params, a seeded draw from the temperature/top-k/top-p distribution
+    otherwise. Token-level policies read their replacement or bonus token from it,
+    so it comes from the same forward pass and no vocabulary-sized row crosses the
+    protocol.
     """
 
     logprobs: list[float]
@@ -64,8 +77,21 @@ class Scores(_Msg):
     entropies: list[float] | None = None
     dists: list[list[float]] | None = None
     next_logprobs: list[float] | None = None
+    sampled: list[int] | None = None
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+
+
+class NextToken(_Msg):
+    """The distribution at the position after a prefix, as a judge reads it.
+
+    ``candidates``: log-probabilities of the asked tokens (e.g. the digits 0-9);
+    ``top``: the ``top_k`` most likely tokens over the whole vocabulary, most likely
+    first (SpecReason's reference reads its score from the argmax and the top-10).
+    """
+
+    candidates: dict[int, float] = Field(default_factory=dict)
+    top: dict[int, float] = Field(default_factory=dict)
 
 
 class WorkerInfo(_Msg):
@@ -104,9 +130,10 @@ class Worker(Protocol):
         entropies: bool = False,
         full_dists: bool = False,
         full_next: bool = False,
+        sample: GenParams | None = None,
     ) -> Scores: ...
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]: ...
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken: ...
 
     async def info(self) -> WorkerInfo: ...
 

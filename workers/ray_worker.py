@@ -37,7 +37,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from workers.protocol import Generation, GenParams, Scores, Worker, WorkerError, WorkerInfo, WorkerStats
+from workers.protocol import Generation, GenParams, NextToken, Scores, Worker, WorkerError, WorkerInfo, WorkerStats
 
 #: Upper bound on one call, restarts and retries included: far above any sane step
 #: or judge call, low enough that a stuck engine fails its requests within the hour.
@@ -65,14 +65,11 @@ class WorkerActor:
     async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
         return await self._worker.generate(prompt_ids, params)
 
-    async def score(
-        self, prefix_ids: list[int], continuation_ids: list[int], top_k: int = 0, entropies: bool = False,
-        full_dists: bool = False, full_next: bool = False,
-    ) -> Scores:
-        return await self._worker.score(prefix_ids, continuation_ids, top_k, entropies, full_dists, full_next)
+    async def score(self, prefix_ids: list[int], continuation_ids: list[int], **options: Any) -> Scores:
+        return await self._worker.score(prefix_ids, continuation_ids, **options)
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]:
-        return await self._worker.next_token_logprobs(prefix_ids, candidates)
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
+        return await self._worker.next_token_logprobs(prefix_ids, candidates, top_k)
 
     async def info(self) -> WorkerInfo:
         return await self._worker.info()
@@ -177,14 +174,12 @@ class RayWorker:
     async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
         return await self._call("generate", prompt_ids, params)
 
-    async def score(
-        self, prefix_ids: list[int], continuation_ids: list[int], top_k: int = 0, entropies: bool = False,
-        full_dists: bool = False, full_next: bool = False,
-    ) -> Scores:
-        return await self._call("score", prefix_ids, continuation_ids, top_k, entropies, full_dists, full_next)
+    async def score(self, prefix_ids: list[int], continuation_ids: list[int], **options: Any) -> Scores:
+        """Options as in the ``Worker`` protocol (top_k, entropies, full_dists, full_next, sample)."""
+        return await self._call("score", prefix_ids, continuation_ids, **options)
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]:
-        return await self._call("next_token_logprobs", prefix_ids, candidates)
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
+        return await self._call("next_token_logprobs", prefix_ids, candidates, top_k)
 
     async def info(self) -> WorkerInfo:
         return await self._call("info")
@@ -312,17 +307,11 @@ class ReplicaSet:
     async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
         return await self._on(prompt_ids, lambda w: w.generate(prompt_ids, params))
 
-    async def score(
-        self, prefix_ids: list[int], continuation_ids: list[int], top_k: int = 0, entropies: bool = False,
-        full_dists: bool = False, full_next: bool = False,
-    ) -> Scores:
-        return await self._on(
-            prefix_ids,
-            lambda w: w.score(prefix_ids, continuation_ids, top_k, entropies, full_dists, full_next),
-        )
+    async def score(self, prefix_ids: list[int], continuation_ids: list[int], **options: Any) -> Scores:
+        return await self._on(prefix_ids, lambda w: w.score(prefix_ids, continuation_ids, **options))
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]:
-        return await self._on(prefix_ids, lambda w: w.next_token_logprobs(prefix_ids, candidates))
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
+        return await self._on(prefix_ids, lambda w: w.next_token_logprobs(prefix_ids, candidates, top_k))
 
     async def info(self) -> WorkerInfo:
         return await self.replicas[0].info()  # replicas run the same model

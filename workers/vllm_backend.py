@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -49,7 +50,10 @@ from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS, RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from workers.protocol import Generation, GenParams, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats, vocab_fingerprint
+from workers.protocol import (
+    Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats, vocab_fingerprint,
+)
+from workers.sampling import sampling_probs
 
 # Our method names -> vLLM's ``speculative_config["method"]``.
 _SPEC_METHODS = {"ngram": "ngram", "draft": "draft_model", "eagle": "eagle", "eagle3": "eagle3"}
@@ -270,19 +274,23 @@ class VLLMWorker:
         entropies: bool = False,
         full_dists: bool = False,
         full_next: bool = False,
+        sample: GenParams | None = None,
     ) -> Scores:
         if not prefix_ids:
             raise WorkerError("score needs a non-empty prefix")
         prompt = [*prefix_ids, *continuation_ids]
         n = len(continuation_ids)
-        full = full_dists or entropies
+        # a sampled draw needs whole rows (kept in this process); a greedy one only the rank-1 token
+        draw = sample is not None and not sample.greedy
+        full = full_dists or entropies or draw
+        ranks = max(top_k, 1 if sample is not None else 0)
         sp = SamplingParams(
             max_tokens=1,
             temperature=0.0,
             detokenize=False,
             flat_logprobs=True,
-            prompt_logprobs=(-1 if full else top_k) if n else None,
-            logprobs=-1 if full_next else None,
+            prompt_logprobs=(-1 if full else ranks) if n else None,
+            logprobs=-1 if full_next or draw else None,
             skip_reading_prefix_cache=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
@@ -295,6 +303,7 @@ class VLLMWorker:
         top: list[dict[int, float]] = []
         ents: list[float] = []
         dists: list[list[float]] = []
+        best: list[int] = []
         pl = out.prompt_logprobs
         # rows are indexed from the end: Model Runner V2 leaves out the rows of cached tokens
         first = len(pl) - n if n else 0
@@ -303,6 +312,8 @@ class VLLMWorker:
             scores.logprobs.append(lps[0])
             if top_k:
                 top.append(dict(zip(ids[1 : top_k + 1], lps[1 : top_k + 1])))
+            if sample is not None and not draw:
+                best.append(ids[1])
             if full:
                 dist = _dense(ids[1:], lps[1:])
                 ents.append(-sum(math.exp(lp) * lp for lp in dist if lp > -math.inf))
@@ -313,20 +324,30 @@ class VLLMWorker:
             scores.entropies = ents
         if full_dists:
             scores.dists = dists
-        if full_next:
+        if full_next or draw:
             ids, lps = _position(out.outputs[0].logprobs, 0)
-            scores.next_logprobs = _dense(ids[1:], lps[1:])
+            next_row = _dense(ids[1:], lps[1:])
+            if full_next:
+                scores.next_logprobs = next_row
+        if sample is not None:
+            if draw:
+                rows = torch.tensor([*dists, next_row])
+                probs = sampling_probs(rows, sample.temperature, sample.top_k, sample.top_p)
+                rng = torch.Generator().manual_seed(sample.seed) if sample.seed is not None else None
+                scores.sampled = torch.multinomial(probs, 1, generator=rng)[:, 0].tolist()
+            else:  # greedy: the engine's own (temperature 0) next token is the argmax after the continuation
+                scores.sampled = [*best, out.outputs[0].token_ids[0]]
         self._stats.prompt_tokens += len(prefix_ids)
         self._stats.scored_tokens += n
         return scores
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int]) -> dict[int, float]:
+    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
         if not prefix_ids:
             raise WorkerError("next_token_logprobs needs a non-empty prefix")
         wanted = sorted(set(candidates))
         # vLLM caps logprob_token_ids at MAX_LOGPROB_TOKEN_IDS and, with speculative
-        # decoding on, returns nothing for them (0.32.0): take the full row then.
-        by_id = len(wanted) <= MAX_LOGPROB_TOKEN_IDS and not self._speculative
+        # decoding on, returns nothing for them (0.32.0): take the full row then (also for a top-k).
+        by_id = len(wanted) <= MAX_LOGPROB_TOKEN_IDS and not self._speculative and not top_k
         sp = SamplingParams(
             max_tokens=1,
             temperature=0.0,
@@ -340,7 +361,9 @@ class VLLMWorker:
         ids, lps = _position(out.outputs[0].logprobs, 0)
         row = dict(zip(ids[1:], lps[1:]))
         self._stats.prompt_tokens += len(prefix_ids)
-        return {c: row[c] for c in candidates}
+        # a full row comes ranked, most likely first
+        top = dict(zip(ids[1 : top_k + 1], lps[1 : top_k + 1])) if top_k else {}
+        return NextToken(candidates={c: row[c] for c in candidates}, top=top)
 
     async def info(self) -> WorkerInfo:
         return WorkerInfo(

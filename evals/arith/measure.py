@@ -93,7 +93,7 @@ async def measure(n: int) -> dict:
     lik_scores = [9 * math.exp(sum(s.logprobs) / max(1, len(s.logprobs))) for s in liks]
     scores = []
     for lp in lps:
-        probs = [math.exp(lp[d]) for d in digits]
+        probs = [math.exp(lp.candidates[d]) for d in digits]
         scores.append(sum(i * q for i, q in enumerate(probs)) / sum(probs))
     small_acc = sum(g.text.endswith(f"\\boxed{{{p.answer}}}.") for p, g in zip(problems, gens)) / n
     await small.close()
