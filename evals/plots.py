@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -79,7 +79,8 @@ def place_labels(ax: Axes, points: Sequence[Point], fontsize: float = 8) -> list
     taken: list[Bbox] = [Bbox.from_extents(cx - marker_r, cy - marker_r, cx + marker_r, cy + marker_r)
                          for cx, cy in centres]
     annotations = []
-    for p, (cx, cy) in zip(points, centres):
+    for i, (p, (cx, cy)) in enumerate(zip(points, centres)):
+        others = [c for j, c in enumerate(centres) if j != i]
         probe = ax.text(0, 0, p.label, fontsize=fontsize)
         extent = probe.get_window_extent(renderer)
         probe.remove()
@@ -93,6 +94,8 @@ def place_labels(ax: Axes, points: Sequence[Point], fontsize: float = 8) -> list
                 y0 = oy if uy > 0 else oy - h if uy < 0 else oy - h / 2
                 box = Bbox.from_bounds(x0, y0, w, h)
                 overlap = sum(_overlap(box, t) for t in taken) + _outside(box, axes_box)
+                if any(_distance(box, o) < _distance(box, (cx, cy)) for o in others):
+                    overlap += 1.0  # nearer another point than its own: it would read as that point's label
                 if best is None or overlap < best[0]:
                     best = (overlap, dx, dy, box)
                 if overlap == 0:
@@ -114,8 +117,12 @@ def place_labels(ax: Axes, points: Sequence[Point], fontsize: float = 8) -> list
 
 
 def plot_tradeoff(rows: Iterable[Mapping[str, Any]], path: Path, *, title: str, label_key: str = "config",
-                  pareto: bool = False) -> list[Annotation]:
+                  pareto: bool = False, connect: Literal["latency", "given", "none"] = "latency") -> list[Annotation]:
     """Accuracy (%) against mean latency (s/problem), a point per row, one line per policy.
+
+    ``connect`` orders each policy's line: by latency (a bench), in the rows' order (a sweep
+    along one knob, whose curve reads in knob order even where latency is not monotonic), or
+    not at all (a sweep over several knobs, whose points are not one curve).
 
     Baseline policies (``BASELINE_STYLE``) are hollow black/grey markers outside the policy lines.
     With ``pareto``, rows whose ``pareto`` is true are ringed and joined by a dashed front.
@@ -130,7 +137,8 @@ def plot_tradeoff(rows: Iterable[Mapping[str, Any]], path: Path, *, title: str, 
         by_policy.setdefault(str(row.get("policy")), []).append(row)
     colors: dict[int, str] = {}  # id(row) -> its marker's colour, which its label takes (labels may sit apart)
     for policy, group in by_policy.items():
-        group = sorted(group, key=lambda r: r["mean_latency_s"])
+        if connect == "latency":
+            group = sorted(group, key=lambda r: r["mean_latency_s"])
         xs = [r["mean_latency_s"] for r in group]
         ys = [100 * r["accuracy"] for r in group]
         if policy in BASELINE_STYLE:
@@ -140,7 +148,8 @@ def plot_tradeoff(rows: Iterable[Mapping[str, Any]], path: Path, *, title: str, 
                               zorder=3)
             color = style["color"]
         else:
-            (line,) = ax.plot(xs, ys, marker="o", linestyle="-" if len(group) > 1 else "none", label=policy, zorder=2)
+            (line,) = ax.plot(xs, ys, marker="o", linestyle="-" if len(group) > 1 and connect != "none" else "none",
+                              label=policy, zorder=2)
             color = line.get_color()
         colors.update((id(r), color) for r in group)
     front = sorted((r for r in usable if r.get("pareto")), key=lambda r: r["mean_latency_s"])
@@ -180,6 +189,13 @@ def _overlap(a: Bbox, b: Bbox) -> float:
     w = min(a.x1, b.x1) - max(a.x0, b.x0)
     h = min(a.y1, b.y1) - max(a.y0, b.y0)
     return w * h if w > 0 and h > 0 else 0.0
+
+
+def _distance(box: Bbox, point: Sequence[float]) -> float:
+    """Distance from ``point`` to the nearest point of ``box`` (0 inside)."""
+    dx = max(box.x0 - point[0], 0.0, point[0] - box.x1)
+    dy = max(box.y0 - point[1], 0.0, point[1] - box.y1)
+    return (dx * dx + dy * dy) ** 0.5
 
 
 def _outside(box: Bbox, frame: Bbox) -> float:

@@ -209,7 +209,8 @@ def write_sweep(out_dir: Path, sweep: Mapping[str, Any]) -> None:
     (out_dir / SWEEP_JSON).write_text(json.dumps(sweep, indent=2) + "\n")
     rows = sweep["rows"]
     title = sweep_title(sweep)
-    plot_tradeoff(rows, out_dir / SWEEP_PNG, title=title, label_key="label", pareto=True)
+    plot_tradeoff(rows, out_dir / SWEEP_PNG, title=title, label_key="label", pareto=True,
+                  connect="given" if len(sweep["grid"]) == 1 else "none")
     grid = "; ".join(f"`{k}` = {', '.join(_show(v) for v in vs)}" for k, vs in sweep["grid"].items())
     (out_dir / SWEEP_MD).write_text(
         f"# Sweep of {sweep['name']} on {sweep['dataset']} (n={sweep['n']})\n\n"
