@@ -21,7 +21,14 @@ CONFIG_DIR = PACKAGE_ROOT / "configs"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config section: no unknown keys, no coercion, finite numbers.
+
+    Strict types because YAML and ``--set`` values arrive typed: ``max_tokens: true`` or
+    ``limit: "5"`` is a mistake to report, not a value to convert (lax pydantic turns
+    ``true`` into 1); ``.inf`` and ``.nan`` parse as floats and are never a sane setting.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class SpeculativeConfig(Strict):
@@ -63,6 +70,12 @@ class ModelConfig(Strict):
 
     def resolved_path(self) -> str:
         return resolve_model_path(self.path)
+
+    def check_available(self) -> None:
+        """Refuse, in one line, a hub model that cannot be loaded (local folders are checked on load)."""
+        path = self.resolved_path()
+        if is_hub_id(path):
+            check_hub_model(path)
 
 
 class SamplingConfig(Strict):
@@ -125,22 +138,87 @@ def resolve_model_path(path: str) -> str:
         if not p.exists():
             raise ConfigError(f"model path {path} does not exist")
         return str(p)
-    for base in (Path.cwd(), PACKAGE_ROOT):
+    for base in _model_bases():
         if (base / p).exists():
             return str((base / p).resolve())
-    parts = path.split("/")
-    if len(parts) == 2 and all(parts) and not path.startswith("."):
+    if is_hub_id(path):
         return path  # a hub id such as Qwen/QwQ-32B
-    raise ConfigError(f"model path {path!r} not found (looked in {Path.cwd()} and {PACKAGE_ROOT}) and is not a hub id")
+    raise ConfigError(f"model path {path!r} not found (looked in {_bases_text()}) and is not a hub id")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether a model path that is not a local folder reads as a hub id (``owner/name``)."""
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith(".")
+
+
+def _model_bases() -> list[Path]:
+    """Where a relative model path is looked for: the working directory, then the package root (once each)."""
+    return list(dict.fromkeys((Path.cwd().resolve(), PACKAGE_ROOT)))
+
+
+def _bases_text() -> str:
+    return " and ".join(str(b) for b in _model_bases())
+
+
+#: Files whose absence means a folder is not a Hugging Face model: its config and one form of tokenizer.
+MODEL_CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+#: Seconds the start-up check may wait for the hub to say whether a model id exists.
+HUB_CHECK_TIMEOUT_S = 10.0
+
+
+def check_model_folder(folder: str) -> None:
+    """Refuse a local folder that is not a model (e.g. ``/etc``) by name, before any loader sees it.
+
+    Loaders fail on such a folder deep inside (a tokenizer converter talks about
+    sentencepiece) and never name the path.
+    """
+    p = Path(folder)
+    if not p.is_dir():
+        raise ConfigError(f"{folder} is not a model folder (it is a file)")
+    missing = [] if (p / MODEL_CONFIG_FILE).is_file() else [MODEL_CONFIG_FILE]
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"tokenizer ({', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ConfigError(f"{folder} is not a model folder: it has no {' and no '.join(missing)}")
+
+
+def check_hub_model(repo_id: str) -> None:
+    """Refuse a hub id that cannot be loaded, in at most ``HUB_CHECK_TIMEOUT_S`` and one line.
+
+    Called at start-up, not when a config loads (configs for hub models are validated on
+    machines without the hub). A model in the local hub cache is fine; otherwise, offline
+    (``HF_HUB_OFFLINE``) is an immediate error and online one metadata request decides,
+    where loaders would spend most of a minute on retries before a traceback.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, MODEL_CONFIG_FILE), str):
+        return
+    where = f"{repo_id!r} is neither a local folder (looked in {_bases_text()}) nor"
+    if constants.is_offline_mode():
+        raise ConfigError(f"{where} in the hub cache, and the hub is offline (HF_HUB_OFFLINE)")
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_CHECK_TIMEOUT_S)
+    except GatedRepoError:
+        return  # it exists; loading it needs a token, and the loader says so
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{where} a model on the hub") from None
+    except Exception as e:  # no network, DNS, timeout, server error
+        raise ConfigError(f"{where} reachable on the hub ({type(e).__name__}: {e})") from None
 
 
 def find_config(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
-    if p.exists():
+    if p.is_file():
         return p
     for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml", CONFIG_DIR / f"{p}.yml"):
-        if cand.exists():
+        if cand.is_file():
             return cand
+    if p.is_dir():
+        raise ConfigError(f"config {str(name_or_path)!r} is a directory, not a YAML file")
     known = sorted(str(c.relative_to(CONFIG_DIR).with_suffix("")) for c in CONFIG_DIR.rglob("*.yaml"))
     raise ConfigError(f"config {str(name_or_path)!r} not found; packaged configs: {', '.join(known)}")
 
@@ -168,16 +246,32 @@ def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, A
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line (PyYAML's own message spans several, with a caret drawing)."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem is None:
+        return str(e).splitlines()[0]
+    return f"{problem} at column {mark.column + 1}" if mark is not None else problem
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     path = find_config(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for key, value in parse_overrides(overrides).items():
@@ -193,7 +287,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] | dict[str, Any] 
         raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
     for role, m in cfg.models.items():
         try:
-            m.resolved_path()
+            resolved = m.resolved_path()
+            if not is_hub_id(resolved):
+                check_model_folder(resolved)
         except ConfigError as e:
             raise ConfigError(f"{path}: models.{role}.path: {e}") from None
     return cfg

@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from orchestrator.config import RunConfig, load_config
+from orchestrator.config import ConfigError, RunConfig, load_config
 from orchestrator.pool import start_workers
 from orchestrator.prompting import Messages, problem_text, prompt_ids, to_messages
 from orchestrator.session import Event, ModelHandle, Result, Session
@@ -63,6 +63,11 @@ class Orchestrator:
                     raise ValueError(f"policy {self.policy.name} needs workers for {missing}")
                 workers = {r: self._given[r] for r in roles}
             else:
+                for role in roles:  # a model that cannot load says so in one line, before any worker starts
+                    try:
+                        await asyncio.to_thread(self.config.models[role].check_available)
+                    except ConfigError as e:
+                        raise ConfigError(f"models.{role}.path: {e}") from None
                 workers = await start_workers(self.config, roles)
             models = {}
             for role, worker in workers.items():
