@@ -137,9 +137,14 @@ def _from_hub(name: str, source: _Source, split: str, limit: int | None,
 
 def _read_jsonl(path: Path, name: str, limit: int | None, fields: Mapping[str, str] | None) -> list[Problem]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as e:
-        raise DatasetError(f"cannot read dataset file {path}: {e}") from e
+        raise DatasetError(f"cannot read dataset file {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{path}, line {line}: not UTF-8 (byte {data[e.start]:#04x}); save it as UTF-8") from None
 
     def rows() -> Iterable[tuple[int, dict[str, Any]]]:
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -174,6 +179,8 @@ def _problems(rows: Iterable[tuple[int, dict[str, Any]]], where: str, name: str,
         out.append(problem)
         if limit is not None and len(out) >= limit:
             break
+    if not out:  # an eval of nothing would report "0 problems" and succeed
+        raise DatasetError(f"{where}: no problems in it (empty, or blank lines only)")
     return out
 
 
