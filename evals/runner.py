@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import statistics
@@ -41,12 +42,24 @@ RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
+RUN_CONFIG = "run_config.json"
+#: What a resume may change without mixing runs: how many problems and samples (a longer run
+#: extends a shorter one), how many are in flight, where the folder is, and where workers run.
+#: Everything else in ``run_config.json`` (models, policy, sampling, prompt, dataset) must match.
+RESUMABLE_CHANGES = frozenset({"config.eval.limit", "config.eval.samples", "config.eval.concurrency",
+                               "config.eval.out", "config.ray"})
 
 Key = tuple[str, int]  # (problem id, sample index)
+
+log = logging.getLogger(__name__)
 
 
 class EvalError(RuntimeError):
     """An eval that cannot start or continue: existing results, a corrupt results file."""
+
+
+class RunChangedError(EvalError):
+    """A resume whose config or problems differ from the run in the folder (it would mix two runs)."""
 
 
 async def run_eval(
@@ -61,6 +74,7 @@ async def run_eval(
     progress: bool = True,
     dataset: str | None = None,
     grade_timeout: float = 5.0,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Solve and grade every (problem, sample) and return the summary (also written to ``out_dir``).
 
@@ -68,6 +82,15 @@ async def run_eval(
     ``resume`` skips the pairs already in ``out_dir/results.jsonl``; without it an existing
     results file is an error unless ``overwrite`` starts the folder afresh. ``dataset`` labels
     the summary (default: the problems' ``meta["dataset"]``).
+
+    The run's resolved config is recorded in ``out_dir/run_config.json``; a resume whose
+    config differs (beyond ``RESUMABLE_CHANGES``) or whose finished problems now read
+    differently raises ``RunChangedError`` unless ``allow_config_change``.
+
+    A failed solve goes to ``errors.jsonl`` and the run goes on; workers that cannot report
+    their counters at the end leave those summary fields None. The summary says whether the
+    run is ``complete``; when the run is cancelled (Ctrl-C), the summary of what finished is
+    written before the cancellation goes on.
     """
     if concurrency < 1 or samples < 1:
         raise ValueError("concurrency and samples must be at least 1")
@@ -86,6 +109,11 @@ async def run_eval(
         previous = []
         for path in (results_path, errors_path, out_dir / SUMMARY_JSON, out_dir / SUMMARY_MD):
             path.unlink(missing_ok=True)
+    label = dataset or _dataset_label(problems)
+    identity = {"config": orch.config.model_dump(mode="json"), "dataset": label}
+    if resume and not allow_config_change:
+        _refuse_changed_run(out_dir, identity, previous, problems)
+    (out_dir / RUN_CONFIG).write_text(json.dumps(identity, indent=1) + "\n")
 
     wanted = {(p.id, s) for p in problems for s in range(samples)}
     done = {_key(r) for r in previous}
@@ -118,6 +146,31 @@ async def run_eval(
         bar.set_postfix_str(tally.postfix(time.perf_counter() - t0), refresh=False)
         bar.update()
 
+    def finish(spec_after: dict[str, int] | None) -> dict[str, Any]:
+        """Write the summary of what is in the folder now (with this session's counters, when known)."""
+        spec = None
+        if spec_before is not None and spec_after is not None:
+            spec = {k: spec_after[k] - spec_before[k] for k in spec_after}
+            if resume:  # worker counters are per process: add those of the earlier sessions
+                earlier = _read_json(out_dir / SUMMARY_JSON)
+                spec = {k: v + (earlier.get(k) or 0) for k, v in spec.items()}
+        records = [r for r in load_records(results_path) if _key(r) in wanted]
+        failed = ({_key(r) for r in load_records(errors_path, unique=False)} & wanted) - {_key(r) for r in records}
+        summary = summarize(
+            records,
+            config=orch.config.name,
+            policy=orch.policy_name,
+            policy_params=orch.config.policy.model_dump(),
+            models={role: m.path for role, m in orch.config.models.items()},
+            dataset=label,
+            problems=len(problems),
+            samples=samples,
+            errors=len(failed),
+            spec=spec,
+        )
+        write_summary(out_dir, summary)
+        return summary
+
     try:
         with results_path.open("a", encoding="utf-8") as results, errors_path.open("a", encoding="utf-8") as errors:
             async with asyncio.TaskGroup() as tg:
@@ -125,30 +178,12 @@ async def run_eval(
                     tg.create_task(asyncio.to_thread(default_grader().warm_up))
                 for problem, sample in todo:
                     tg.create_task(solve(problem, sample, results, errors))
+    except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels its task): summarize what finished, then stop
+        finish(None)
+        raise
     finally:
         bar.close()
-
-    spec_after = await _spec_counters(orch)
-    spec = {k: spec_after[k] - spec_before[k] for k in spec_after}
-    if resume:  # worker counters are per process: add those of the earlier sessions
-        earlier = _read_json(out_dir / SUMMARY_JSON)
-        spec = {k: v + (earlier.get(k) or 0) for k, v in spec.items()}
-    records = [r for r in load_records(results_path) if _key(r) in wanted]
-    failed = ({_key(r) for r in load_records(errors_path, unique=False)} & wanted) - {_key(r) for r in records}
-    summary = summarize(
-        records,
-        config=orch.config.name,
-        policy=orch.policy_name,
-        policy_params=orch.config.policy.model_dump(),
-        models={role: m.path for role, m in orch.config.models.items()},
-        dataset=dataset or _dataset_label(problems),
-        problems=len(problems),
-        samples=samples,
-        errors=len(failed),
-        spec=spec,
-    )
-    write_summary(out_dir, summary)
-    return summary
+    return finish(await _spec_counters(orch))
 
 
 def result_record(problem: Problem, sample: int, result: Result, correct: bool, *, run: int,
@@ -171,13 +206,14 @@ def result_record(problem: Problem, sample: int, result: Result, correct: bool, 
 
 
 def summarize(records: Sequence[Mapping[str, Any]], *, config: str, policy: str, dataset: str, problems: int,
-              samples: int, errors: int, spec: Mapping[str, int], policy_params: Mapping[str, Any] | None = None,
+              samples: int, errors: int, spec: Mapping[str, int] | None, policy_params: Mapping[str, Any] | None = None,
               models: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The summary of a run from its result records (see ``result_record``).
 
     Accuracy is pass@1 averaged over samples. ``large_token_share`` counts accepted tokens
     (what ended up in the reasoning); written tokens are reported beside it. Total wall time
-    adds up each session's time to its last result.
+    adds up each session's time to its last result. ``spec`` None: the workers' token-level
+    speculation counters are unknown. ``complete``: every (problem, sample) has a result.
     """
     def total(key: str) -> int:
         return sum(r.get(key) or 0 for r in records)
@@ -220,9 +256,10 @@ def summarize(records: Sequence[Mapping[str, Any]], *, config: str, policy: str,
         "accepted": total("accepted"),
         "acceptance_rate": total("accepted") / proposed if proposed else None,
         "handoffs": total("handoffs"),
-        "spec_proposed_tokens": spec.get("spec_proposed_tokens", 0),
-        "spec_accepted_tokens": spec.get("spec_accepted_tokens", 0),
+        "spec_proposed_tokens": spec.get("spec_proposed_tokens", 0) if spec is not None else None,
+        "spec_accepted_tokens": spec.get("spec_accepted_tokens", 0) if spec is not None else None,
         "errors": errors,
+        "complete": len(records) == problems * samples,
         "runs": len(session_wall),
     }
 
@@ -360,13 +397,63 @@ def _append(fh: IO[str], record: Mapping[str, Any]) -> None:
     fh.flush()
 
 
-async def _spec_counters(orch: Orchestrator) -> dict[str, int]:
-    """Token-level speculation counters of the orchestrator's workers, summed over roles."""
-    stats = (await orch.stats()).values()
+async def _spec_counters(orch: Orchestrator) -> dict[str, int] | None:
+    """Token-level speculation counters of the orchestrator's workers, summed over roles.
+
+    None when a worker cannot say (its Ray actor out of restarts, say): the counters are
+    a detail of the summary, which must still be written from the results that finished.
+    """
+    try:
+        stats = (await orch.stats()).values()
+    except Exception as e:
+        log.warning("worker counters unavailable, the summary leaves them out: %s: %s", type(e).__name__, e)
+        return None
     return {
         "spec_proposed_tokens": sum(s.spec_proposed_tokens for s in stats),
         "spec_accepted_tokens": sum(s.spec_accepted_tokens for s in stats),
     }
+
+
+def _refuse_changed_run(out_dir: Path, identity: Mapping[str, Any], previous: Sequence[Mapping[str, Any]],
+                        problems: Sequence[Problem]) -> None:
+    """Raise ``RunChangedError`` naming what differs between the folder's run and this one."""
+    recorded = _read_json(out_dir / RUN_CONFIG)  # a folder from before run_config.json: nothing to compare
+    changes = _changes(recorded, identity) if recorded else []
+    now = {p.id: (p.problem, p.answer) for p in problems}
+    reworded = sorted({i for r in previous
+                       if (i := str(r["id"])) in now and now[i] != (r.get("problem"), r.get("gold"))})
+    if reworded:
+        changes.append(f"problems: {len(reworded)} finished problem(s) now read differently (id {reworded[0]!r})")
+    if changes:
+        shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+        raise RunChangedError(f"{out_dir} holds another run ({shown}): resume it with the same config, allow the "
+                              f"change (--allow-config-change), or start afresh (--overwrite)")
+
+
+def _changes(old: Any, new: Any, key: str = "") -> list[str]:
+    """``key: old -> new`` for each leaf that differs, outside ``RESUMABLE_CHANGES``."""
+    if key in RESUMABLE_CHANGES:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in dict.fromkeys([*old, *new]):
+            sub = f"{key}.{k}" if key else str(k)
+            if k in old and k in new:
+                out += _changes(old[k], new[k], sub)
+            elif sub not in RESUMABLE_CHANGES:
+                out.append(f"{_shown(sub)}: {_short(old.get(k, '(unset)'))} -> {_short(new.get(k, '(unset)'))}")
+        return out
+    return [] if old == new else [f"{_shown(key)}: {_short(old)} -> {_short(new)}"]
+
+
+def _shown(key: str) -> str:
+    """A ``run_config.json`` key as the config spells it (``config.policy.threshold`` -> ``policy.threshold``)."""
+    return key.removeprefix("config.")
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.config import ConfigError, load_config
 
@@ -31,12 +34,40 @@ ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="config name (ari
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="dotted override, e.g. models.large.backend=vllm")]
 
 
+#: Exit codes: 2 for a mistake in what was asked (config, dataset, model path, an eval folder holding
+#: another run), as for any usage error; 3 for an eval that ended incomplete (failed problems are in
+#: errors.jsonl, the summary covers what finished, --resume retries the rest); 130 for Ctrl-C (128 + SIGINT).
+EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
+#: Errors go to stderr, unwrapped: a message the user can act on is one line, not a traceback.
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _fail(kind: str, error: object) -> NoReturn:
+    err_console.print(f"[red]{kind}:[/red] {escape(str(error))}")
+    raise typer.Exit(EXIT_USAGE)
+
+
 def _load(config: str, overrides: list[str] | None):
     try:
         return load_config(config, overrides)
     except ConfigError as e:
-        console.print(f"[red]config error:[/red] {e}")
-        raise typer.Exit(2) from None
+        _fail("config error", e)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Inside a command: a bad config, dataset, model path or eval folder ends it through ``_fail``."""
+    from evals.datasets import DatasetError
+    from evals.runner import EvalError
+
+    try:
+        yield
+    except ConfigError as e:
+        _fail("config error", e)
+    except DatasetError as e:
+        _fail("dataset error", e)
+    except EvalError as e:
+        _fail("eval error", e)
 
 
 AUTHOR_STYLE = {"small": "cyan", "large": "magenta", "mid": "yellow"}
@@ -53,7 +84,7 @@ def run(
     from orchestrator.core import Orchestrator
 
     cfg = _load(config, set)
-    with Orchestrator(cfg) as orch:
+    with _user_errors(), Orchestrator(cfg) as orch:
         result = orch.solve(problem)
     if json_out:
         print(result.model_dump_json(indent=1))
@@ -79,9 +110,16 @@ def eval_cmd(
     out: Annotated[Optional[Path], typer.Option(help="result folder (default runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option(help="skip problems already in OUT/results.jsonl")] = False,
     overwrite: Annotated[bool, typer.Option(help="start OUT afresh if it has results")] = False,
+    allow_config_change: Annotated[bool, typer.Option(help="let --resume add to a run made with another config "
+                                                           "(the folder then mixes runs)")] = False,
     set: SetOpt = None,
 ) -> None:
-    """Evaluate a config on a dataset: results.jsonl, summary.json, summary.md, a table."""
+    """Evaluate a config on a dataset: results.jsonl, summary.json, summary.md, a table.
+
+    Exit code 0: every problem solved; 2: a bad config, dataset or model path, or a --resume
+    with another config than OUT's run (OUT/run_config.json); 3: incomplete, some problems
+    failed (OUT/errors.jsonl; --resume retries them); 130: interrupted (partial summary written).
+    """
     from evals.datasets import load_dataset
     from evals.runner import print_summary, run_eval
     from orchestrator.core import Orchestrator
@@ -94,19 +132,30 @@ def eval_cmd(
     e.concurrency = concurrency or e.concurrency
     e.samples = samples or e.samples
     out_dir = out or Path(e.out or f"runs/{cfg.name}")
-    problems = load_dataset(e.dataset, path=e.dataset_path, split=e.split, limit=e.limit, fields=e.fields or None)
+    with _user_errors():
+        problems = load_dataset(e.dataset, path=e.dataset_path, split=e.split, limit=e.limit, fields=e.fields or None)
 
     async def main() -> dict:
         orch = Orchestrator(cfg)
         try:
             return await run_eval(orch, problems, out_dir, concurrency=e.concurrency, samples=e.samples, resume=resume,
-                                  overwrite=overwrite, dataset=e.dataset)
+                                  overwrite=overwrite, dataset=e.dataset, allow_config_change=allow_config_change)
         finally:
             await orch.aclose()
 
-    summary = asyncio.run(main())
+    with _user_errors():
+        try:
+            summary = asyncio.run(main())
+        except KeyboardInterrupt:  # the runner has written the summary of what finished
+            err_console.print(f"interrupted: finished results and their summary are in {out_dir}; --resume continues")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     print_summary(summary)
     console.print(f"results in {out_dir}")
+    if not summary["complete"]:
+        err_console.print(f"[yellow]incomplete:[/yellow] {summary['completed']} of "
+                          f"{summary['problems'] * summary['samples']} solves finished, {summary['errors']} failed "
+                          f"(see {out_dir / 'errors.jsonl'}); --resume retries them")
+        raise typer.Exit(EXIT_INCOMPLETE)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
