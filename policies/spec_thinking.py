@@ -16,8 +16,12 @@ as reflection, a tie too), no cue a plain statement.
   again (the reference loop exactly). Keeping the probe instead would not be the
   same: under sampling the kept text would be conditioned on being a statement,
   and under greedy decoding a probe that crosses a delimiter would skip the
-  trigger check there. The price is a second small-model pass over the probe's
-  tokens (their prompt is served from the prefix cache).
+  trigger check there. Under sampling the price is a second small-model pass
+  over the probe's tokens (their prompt is served from the prefix cache). Under
+  greedy decoding the resample would write the probe again token for token, so
+  when the probe reaches a delimiter its text up to there is taken as the
+  resampled segment (same text, same trigger check, no second pass); a probe
+  without a delimiter is resampled.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from policies.base import Policy, PolicyParams
+
+from workers.protocol import Generation
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -78,11 +84,31 @@ class SpeculativeThinking(Policy):
             session.finish("eos")
         return g.text
 
+    def _greedy_resample(self, session: Session, probe: Generation) -> Generation | None:
+        """What resampling after a statement probe writes under greedy decoding, when the probe shows it.
+
+        The resample continues the same context as the probe with a stop at the
+        delimiter, so it is the probe cut after the token that completes the first
+        delimiter, if the probe has one within the budget.
+        """
+        p = self.params
+        cut = probe.text.find(p.delimiter)
+        if not session.params.greedy or cut < 0:
+            return None
+        decode = session.models["small"].decode
+        n = next(m for m in range(1, len(probe.token_ids) + 1) if p.delimiter in decode(probe.token_ids[:m]))
+        if n > min(session.budget_left, p.max_segment_tokens):
+            return None
+        return Generation(token_ids=probe.token_ids[:n], text=probe.text[:cut], finish_reason="stop",
+                          stop_reason=p.delimiter)
+
     async def run(self, session: Session) -> None:
         p = self.params
         negatives, threshold, n3 = 0, p.neg_threshold, p.n3
+        resampled: Generation | None = None  # the next small segment, already known (greedy resample)
         while not session.finished and not session.out_of_budget:
-            g = await session.generate("small", stop=[p.delimiter], max_tokens=p.max_segment_tokens)
+            g = resampled or await session.generate("small", stop=[p.delimiter], max_tokens=p.max_segment_tokens)
+            resampled = None
             hit = g.finish_reason == "stop"
             session.append("small", g.text + (p.delimiter if hit else ""), len(g.token_ids))
             if g.finish_reason == "eos":
@@ -101,6 +127,7 @@ class SpeculativeThinking(Policy):
             if kind == "statement":  # the small model keeps control and resamples from the delimiter
                 session.metrics.accepted += 1
                 session.reject("small", probe.text, len(probe.token_ids), kind="probe", note="statement: resampled")
+                resampled = self._greedy_resample(session, probe)
                 continue
             session.reject("small", probe.text, len(probe.token_ids), kind="probe", note=kind)
             session.metrics.handoffs += 1

@@ -210,3 +210,15 @@ async def test_consultant_samples_its_replacement_from_the_scoring_pass():
     assert r.metrics.proposed > r.metrics.accepted  # there were misses...
     assert r.metrics.calls["large"] == r.metrics.calls["small"]  # ...and each round is one large call
     assert len([c for c in large.calls if c[0] == "score"]) == r.metrics.calls["small"]
+
+
+async def test_spec_thinking_greedy_takes_the_resample_from_a_statement_probe():
+    """Greedy resampling would rewrite the probe up to its delimiter: same text, no second small pass."""
+    doc = "A is 1.\n\nB is 2.\n\nC is 3.\n\nD is 4.\n\n\\boxed{4}"
+    small, large = ChoiceWorker(document(doc)), ChoiceWorker(document(doc))
+    r = await run(SpecThinkingParams(n1=12), small, large)
+    assert r.text == doc and r.metrics.handoffs == 0
+    probes = [g for g in r.segments if g.kind == "probe"]
+    assert len(probes) == 4 and all(g.note == "statement: resampled" for g in probes)
+    # one generate for "A is 1.", one per probe, one for the last segment: no regeneration of a probe's text
+    assert len([c for c in small.calls if c[0] == "generate"]) == 1 + 4 + 1
