@@ -180,8 +180,9 @@ def bench(
 
     for c in configs:
         _load(c, set)  # fail fast on any bad config before running the first one
-    rows = asyncio.run(run_bench(configs, dataset, limit, concurrency, out, set, dataset_path=dataset_path,
-                                 resume=resume, overwrite=overwrite))
+    with _user_errors():  # a bad dataset, or a folder holding another run
+        rows = asyncio.run(run_bench(configs, dataset, limit, concurrency, out, set, dataset_path=dataset_path,
+                                     resume=resume, overwrite=overwrite))
     print_compact(rows, console, caption=f"speedup: total wall time against {rows[0]['config']}; "
                                          "full precision in bench.json")
     console.print(f"{len(rows)} configs compared; see {out}/bench.md, bench.json, bench.png")

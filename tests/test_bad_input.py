@@ -134,6 +134,13 @@ def test_dataset_errors_are_one_line(tmp_path, content, message):
                                str(data), "--out", str(tmp_path / "out")), str(data), message)
 
 
+def test_bench_dataset_error_is_one_line(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    assert_one_line_error(*cli("bench", "--configs", "arith/small-only", "--dataset", "jsonl", "--dataset-path",
+                               str(data), "--out", str(tmp_path / "bench")), str(data), "no problems")
+
+
 # ---------------------------------------------------------------- resume must not mix runs
 
 
