@@ -46,11 +46,14 @@ def eval_args(tmp_path: Path, *extra: str) -> list[str]:
 # ---------------------------------------------------------------- configs and model paths
 
 
-def test_config_that_is_a_directory_or_not_utf8(tmp_path):
+def test_config_file_errors_are_one_line(tmp_path):
     assert_one_line_error(*cli("eval", "--config", str(tmp_path)), str(tmp_path), "is a directory")
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes(b"name: caf\xe9\n")
     assert_one_line_error(*cli("eval", "--config", str(latin1)), str(latin1), "not UTF-8")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nmodels: [a\npolicy: {type: small-only}\n")
+    assert_one_line_error(*cli("eval", "--config", str(broken)), str(broken), "invalid YAML", "line 3")
 
 
 def test_override_that_is_not_yaml_names_the_override(tmp_path):
@@ -93,6 +96,16 @@ def test_hub_id_unreachable_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
     assert_one_line_error(*cli(*eval_args(tmp_path, "--set", "models.small.path=nonexistent/model")),
                           "'nonexistent/model' is neither a local folder", "nor reachable on the hub")
+
+
+def test_run_command_model_errors_are_one_line(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert_one_line_error(*cli("run", "--config", "arith/small-only", "--set", "models.small.path=nonexistent/model",
+                               "1 + 1"), "models.small.path: 'nonexistent/model' is neither a local folder")
+    assert_one_line_error(*cli("run", "--config", "arith/small-only", "--set", "models.small.path=/etc", "1 + 1"),
+                          "/etc is not a model folder")
 
 
 @pytest.mark.parametrize("override, key, message", [
