@@ -22,8 +22,9 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from orchestrator.config import ConfigError, RunConfig, load_config
+from orchestrator.context import ContextFull, fitting_prompt_ids
 from orchestrator.pool import start_workers
-from orchestrator.prompting import Messages, problem_text, prompt_ids, to_messages
+from orchestrator.prompting import Messages, problem_text, to_messages
 from orchestrator.session import Event, ModelHandle, Result, Session
 from policies import build_policy
 from workers.protocol import GenParams, Worker, WorkerStats
@@ -73,7 +74,8 @@ class Orchestrator:
             for role, worker in workers.items():
                 info = await worker.info()
                 tok = AutoTokenizer.from_pretrained(self.config.models[role].resolved_path())
-                models[role] = ModelHandle(role, worker, tok, info.eos_token_id, info.vocab_fingerprint)
+                models[role] = ModelHandle(role, worker, tok, info.eos_token_id, info.vocab_fingerprint,
+                                           info.context_length)
             try:
                 self.policy.check(models)
             except BaseException:
@@ -85,9 +87,8 @@ class Orchestrator:
 
     async def aclose(self) -> None:
         models, self.models = self.models, {}
-        if self._given is None:
-            for h in models.values():
-                await h.worker.close()
+        if self._given is None:  # together: each close is bounded, shutdown waits for the slowest only
+            await asyncio.gather(*(h.worker.close() for h in models.values()))
 
     def close(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -110,17 +111,32 @@ class Orchestrator:
 
     # ------------------------------------------------------------ requests
 
+    def prompt_ids(self, problem: str | Messages) -> dict[str, list[int]]:
+        """Each model's prompt for ``problem`` (started models only).
+
+        Raises ``ContextLengthError`` when a prompt leaves its model no room to answer,
+        before any model work (a huge prompt is refused without being tokenized).
+        """
+        msgs = to_messages(problem, self.config.prompt.instruction, self.config.prompt.system)
+        return {role: fitting_prompt_ids(h, msgs) for role, h in self.models.items()}
+
+    async def _run_policy(self, session: Session) -> None:
+        """The policy over ``session``; a chain that filled a model's context ends with "length"."""
+        try:
+            await self.policy.run(session)
+        except ContextFull:
+            session.finish("length")
+
     def _session(self, problem: str | Messages, id: str | None, seed: int | None,
                  max_tokens: int | None, events: asyncio.Queue | None) -> Session:
         s = self.config.sampling
-        msgs = to_messages(problem, self.config.prompt.instruction, self.config.prompt.system)
         base_seed = s.seed if seed is None else seed
         if id is not None:
             base_seed = base_seed * 7919 + zlib.crc32(id.encode())
         return Session(
             problem=problem_text(problem),
             models=self.models,
-            prompt_ids={role: prompt_ids(h.tokenizer, msgs) for role, h in self.models.items()},
+            prompt_ids=self.prompt_ids(problem),
             params=GenParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens),
             max_tokens=max_tokens or s.max_tokens,
             id=id,
@@ -132,7 +148,7 @@ class Orchestrator:
                      max_tokens: int | None = None) -> Result:
         await self.start()
         session = self._session(problem, id, seed, max_tokens, None)
-        await self.policy.run(session)
+        await self._run_policy(session)
         return session.result(self.policy.name)
 
     async def stream(self, problem: str | Messages, id: str | None = None, seed: int | None = None,
@@ -141,7 +157,8 @@ class Orchestrator:
         await self.start()
         events: asyncio.Queue = asyncio.Queue()
         session = self._session(problem, id, seed, max_tokens, events)
-        task = asyncio.create_task(self.policy.run(session))
+        task = asyncio.create_task(self._run_policy(session))
+        getter: asyncio.Future | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
@@ -156,8 +173,11 @@ class Orchestrator:
                 yield Event(type="done", result=session.result(self.policy.name))
                 return
         finally:
-            if not task.done():  # the consumer went away: stop the work
-                task.cancel()
+            # The consumer went away (or the policy ended): stop the work and leave no task pending,
+            # a pending getter would be garbage-collected as "Task was destroyed but it is pending!".
+            for pending in (getter, task):
+                if pending is not None and not pending.done():
+                    pending.cancel()
 
     async def asolve_batch(self, problems: Iterable[str | Messages], concurrency: int = 8,
                            ids: Iterable[str] | None = None) -> list[Result]:

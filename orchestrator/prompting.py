@@ -28,9 +28,13 @@ def to_messages(problem: str | Messages, instruction: str | None = INSTRUCTION, 
     return list(problem)
 
 
+def chat_text(tokenizer: Any, messages: Messages) -> str:
+    """The prompt as text: the chat template applied, ready for the assistant's turn."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(chat_text(tokenizer, messages), add_special_tokens=False)
 
 
 def problem_text(problem: str | Messages) -> str:

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from orchestrator.answer import final_answer
+from orchestrator.context import room
 from workers.protocol import Generation, GenParams, NextToken, Worker
 
 Role = str
@@ -106,6 +107,7 @@ class ModelHandle:
     tokenizer: Any
     eos_token_id: int | None = None
     vocab_fingerprint: str = ""
+    context_length: int | None = None  # tokens the model attends to (None: unchecked)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -161,21 +163,28 @@ class Session:
         return self.params.model_copy(update={"seed": seed, **overrides})
 
     async def generate(self, role: Role, ids: list[int] | None = None, **overrides: Any) -> Generation:
-        """Continue the reasoning (or the given ids) with ``role``; metered."""
-        overrides.setdefault("max_tokens", self.budget_left)
-        overrides["max_tokens"] = max(1, min(overrides["max_tokens"], self.budget_left or 1))
+        """Continue the reasoning (or the given ids) with ``role``; metered.
+
+        ``max_tokens`` is capped by the budget and by the room left in the model's context;
+        with no room left this raises ``ContextFull`` (the chain ends with "length").
+        """
         ids = self.ids(role) if ids is None else ids
+        left = room(self.models[role], len(ids))
+        overrides.setdefault("max_tokens", self.budget_left)
+        overrides["max_tokens"] = max(1, min(overrides["max_tokens"], self.budget_left or 1, left))
         g = await self.models[role].worker.generate(ids, self.gen_params(**overrides))
         self.metrics.add_call(role, len(g.token_ids), g.forward_passes, g.prompt_tokens, g.cached_prompt_tokens)
         return g
 
     async def score(self, role: Role, prefix: list[int], continuation: list[int], **kw: Any):
+        room(self.models[role], len(prefix) + len(continuation), new=0)
         s = await self.models[role].worker.score(prefix, continuation, **kw)
         self.metrics.add_call(role, 0, 1, s.prompt_tokens + len(continuation), s.cached_prompt_tokens)
         return s
 
     async def next_token_logprobs(self, role: Role, prefix: list[int], candidates: list[int],
                                   top_k: int = 0) -> NextToken:
+        room(self.models[role], len(prefix), new=0)
         out = await self.models[role].worker.next_token_logprobs(prefix, candidates, top_k)
         self.metrics.add_call(role, 0, 1, len(prefix), 0)
         return out

@@ -148,7 +148,7 @@ class SpecReason(Policy):
                         session.reject("small", g.text, len(g.token_ids), score=score)
                         session.metrics.handoffs += 1
                         if ahead is not None:  # drafted on a rejected step: worthless
-                            ahead.cancel()
+                            _discard(ahead)
                             ahead = None
                         author, score = "large", None
                         g = await self._step(session, "large")
@@ -164,4 +164,11 @@ class SpecReason(Policy):
                 previous = step
         finally:
             if ahead is not None:
-                ahead.cancel()
+                _discard(ahead)
+
+
+def _discard(draft: asyncio.Future) -> None:
+    """Drop a draft nobody will read; one that already failed (no room left in the context) has
+    its exception read, so that asyncio does not log it as never retrieved."""
+    if not draft.cancel() and not draft.cancelled():
+        draft.exception()

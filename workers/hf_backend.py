@@ -37,6 +37,9 @@ from workers.protocol import (
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: How long ``close`` waits for the engine thread: a forward pass is not interruptible, and shutdown
+#: must not wait for a long one (the daemon thread exits when the pass returns).
+CLOSE_TIMEOUT_S = 2.0
 
 
 def load_tokenizer(path: str) -> Any:
@@ -150,6 +153,7 @@ class HFWorker:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids()
+        self.context_length: int = getattr(self.model.config, "max_position_embeddings", 2048)
         self.cache = PrefixCache(kv_cache_tokens)
         self.max_batch_size = max_batch_size
         self.round_steps = round_steps
@@ -158,6 +162,7 @@ class HFWorker:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._pending: set[_Request] = set()  # submitted, not answered yet: failed by close
         self.speculator = None
         if speculative is not None and getattr(speculative, "method", None):
             from workers.hf_speculation import make_speculator
@@ -179,6 +184,12 @@ class HFWorker:
     async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
         if not prompt_ids:
             raise WorkerError("generate needs a non-empty prompt")
+        room = self.context_length - len(prompt_ids)
+        if room < 1:
+            raise WorkerError(f"a prompt of {len(prompt_ids)} tokens leaves no room to generate in the model's "
+                              f"context of {self.context_length} tokens")
+        if params.max_tokens > room:  # stop at the end of the context ("length"), as vLLM does
+            params = params.model_copy(update={"max_tokens": room})
         req = await self._submit(_Request("generate", list(prompt_ids), *self._future(), params=params))
         return req
 
@@ -194,6 +205,7 @@ class HFWorker:
     ) -> Scores:
         if not prefix_ids:
             raise WorkerError("score needs a non-empty prefix")
+        self._check_fits(len(prefix_ids) + len(continuation_ids), "score")
         req = _Request(
             "score", list(prefix_ids) + list(continuation_ids), *self._future(), n_prefix=len(prefix_ids),
             top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next, sample=sample,
@@ -203,19 +215,19 @@ class HFWorker:
     async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
         if not prefix_ids:
             raise WorkerError("next_token_logprobs needs a non-empty prefix")
+        self._check_fits(len(prefix_ids), "next_token_logprobs")
         req = _Request("next", list(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates),
                        top_k=top_k)
         return await self._submit(req)
 
     async def info(self) -> WorkerInfo:
-        cfg = self.model.config
         return WorkerInfo(
             model_id=self.model_path,
             backend="hf",
             device=str(self.device),
             vocab_size=len(self.tokenizer),
             vocab_fingerprint=vocab_fingerprint(self.tokenizer),
-            context_length=getattr(cfg, "max_position_embeddings", 2048),
+            context_length=self.context_length,
             eos_token_id=min(self.eos_ids) if self.eos_ids else None,
         )
 
@@ -223,12 +235,20 @@ class HFWorker:
         return self._stats.model_copy()
 
     async def close(self) -> None:
+        """Stop the engine and fail what is pending, within about ``CLOSE_TIMEOUT_S`` whatever it is doing.
+
+        The engine stops between forward passes; one still running after the timeout (a long
+        prefill) is not waited for: the thread is a daemon and exits when the pass returns.
+        """
         self._closed = True
-        if self._thread is not None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(None)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        self.cache.clear()
+            await asyncio.to_thread(thread.join, CLOSE_TIMEOUT_S)
+        for req in list(self._pending):
+            req.resolve(error=WorkerError("worker closed"))
+        if thread is None or not thread.is_alive():  # else the engine may still write it: it clears it on exit
+            self.cache.clear()
 
     # ---------------------------------------------------------------- plumbing
 
@@ -244,18 +264,34 @@ class HFWorker:
             self._thread = threading.Thread(target=self._engine, name=f"hf-engine:{self.model_path}", daemon=True)
             self._thread.start()
         self._queue.put(req)
+        self._pending.add(req)
         try:
             return await req.future
         except asyncio.CancelledError:
             req.cancelled = True
             raise
+        finally:
+            self._pending.discard(req)
+
+    def _check_fits(self, tokens: int, what: str) -> None:
+        """The last line of defence: a pass past the context would be garbage (or fail deep in the model)."""
+        if tokens > self.context_length:
+            raise WorkerError(f"{what} over {tokens} tokens exceeds the model's context of {self.context_length}")
 
     def _engine(self) -> None:
         if self.threads:  # OpenMP's thread count is per calling thread: this sets it for this engine only
             torch.set_num_threads(self.threads)
+        try:
+            self._serve()
+        finally:
+            if self._closed:
+                self.cache.clear()
+
+    def _serve(self) -> None:
+        """The engine loop: batches of arrivals prefilled, then decode rounds, until the worker is closed."""
         active: list[_Request] = []
         with torch.inference_mode():
-            while True:
+            while not self._closed:
                 incoming: list[_Request] = []
                 if not active:
                     item = self._queue.get()  # blocks: no busy loop when idle
@@ -286,6 +322,7 @@ class HFWorker:
                         self._fail(active, WorkerError(f"decode failed: {e!r}"))
                         active = []
                 self._stats.busy_s += time.perf_counter() - t0
+        self._fail(active, WorkerError("worker closed"))
 
     @staticmethod
     def _fail(reqs: list[_Request], error: BaseException) -> None:
@@ -497,7 +534,8 @@ class HFWorker:
                 if r.done or r.cancelled:
                     alive[i] = False
             steps += 1
-            if not any(alive) or (steps >= self.round_steps and not self._queue.empty()) or steps >= 4 * self.round_steps:
+            if (not any(alive) or (steps >= self.round_steps and not self._queue.empty())
+                    or steps >= 4 * self.round_steps or self._closed):
                 break
         still = []
         for r, kv in zip(active, unstack_kv(cache, mask)):
