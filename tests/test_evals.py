@@ -182,7 +182,7 @@ async def test_run_eval_writes_results_and_summary(arith_small, tmp_path, count_
 
 
 async def test_interrupt_then_resume_after_a_crash(arith_small, tmp_path, count_solves):
-    problems = load_dataset("arith", limit=5)
+    problems = load_dataset("arith", limit=12)  # enough that the run is still going when 3 are in
     results = tmp_path / RESULTS
 
     # Ctrl-C once a few results are in: what finished is on disk, line by line
@@ -193,7 +193,9 @@ async def test_interrupt_then_resume_after_a_crash(arith_small, tmp_path, count_
     with pytest.raises(asyncio.CancelledError):
         await task
     lines = results.read_text().splitlines()
-    assert 3 <= len(lines) < 5 and all(json.loads(line) for line in lines)
+    assert 3 <= len(lines) < 12 and all(json.loads(line) for line in lines)
+    partial = json.loads((tmp_path / "summary.json").read_text())  # what finished is summarized before stopping
+    assert partial["completed"] == len(lines) and partial["complete"] is False
 
     # then a crash: a finished line lost, and the last one cut halfway through
     damaged = [lines[0], *lines[2:-1], lines[-1][: len(lines[-1]) // 2]]
@@ -207,7 +209,7 @@ async def test_interrupt_then_resume_after_a_crash(arith_small, tmp_path, count_
     assert sorted(i for i, _ in count_solves) == sorted({p.id for p in problems} - {r["id"] for r in kept})
     by_id = {r["id"]: r for r in records}
     assert all(by_id[r["id"]] == r for r in kept)  # finished lines untouched, not redone
-    assert summary["n"] == 5 and summary["runs"] == 2
+    assert summary["n"] == 12 and summary["runs"] == 2
 
     count_solves.clear()  # nothing left to do
     again = await run_eval(arith_small, problems, tmp_path, concurrency=2, resume=True, progress=False)
