@@ -243,11 +243,13 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     set: SetOpt = None,
+    read_timeout: Annotated[Optional[float], typer.Option(
+        help="seconds a client may take to send a whole request (default 10)", min=0.1)] = None,
 ) -> None:
     """An OpenAI-compatible endpoint (/v1/chat/completions, /v1/models, /health)."""
-    from orchestrator.server import serve as serve_app
+    from orchestrator.server import READ_TIMEOUT_S, serve as serve_app
 
-    serve_app(_load(config, set), host=host, port=port)
+    serve_app(_load(config, set), host=host, port=port, read_timeout=read_timeout or READ_TIMEOUT_S)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ and ``/health``. The protocol decisions, and why:
 - **cancellation**: a client that goes away cancels its request's policy task
   (the stream is closed, or a watcher sees the disconnect of a plain request),
   so abandoned requests stop using the backends.
+- **context**: a prompt that leaves a model under ``MIN_OUTPUT_TOKENS`` of its
+  context is a 400 ``context_length_exceeded`` before any model work; a chain that
+  fills the context ends with ``finish_reason: "length"``. The token budget is not
+  checked against the context (policies count accepted tokens, not positions).
+- **slow clients**: a request must arrive whole within ``READ_TIMEOUT_S`` (a
+  connection that sends half a request is closed), idle keep-alive connections
+  close after ``KEEP_ALIVE_S``; shutdown waits ``SHUTDOWN_GRACE_S`` for open
+  requests, then cancels them.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from typing import Any, Literal, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from fastapi.responses import JSONResponse, Response
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer
@@ -54,8 +63,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from orchestrator.config import RunConfig
+from orchestrator.context import ContextLengthError
 from orchestrator.core import Orchestrator
-from orchestrator.prompting import Messages, prompt_ids
+from orchestrator.prompting import Messages
 from orchestrator.session import Result, Segment
 
 logger = logging.getLogger("reasonspec.server")
@@ -65,6 +75,12 @@ logger = logging.getLogger("reasonspec.server")
 MAX_BODY_BYTES = 1 << 20
 #: A request may ask for up to this many times the config's ``sampling.max_tokens``.
 MAX_TOKENS_FACTOR = 4
+#: Seconds a connection may take to send a whole request (headers and body) once it waits for one.
+READ_TIMEOUT_S = 10.0
+#: Seconds an idle keep-alive connection stays open (uvicorn's default).
+KEEP_ALIVE_S = 5
+#: Seconds shutdown waits for open requests before cancelling them (a long reasoning must not hold Ctrl-C).
+SHUTDOWN_GRACE_S = 3
 #: Status for a request whose client went away (nginx's convention; nobody reads it).
 CLIENT_CLOSED_REQUEST = 499
 THINK_END = "</think>"
@@ -490,13 +506,16 @@ def create_app(orch: Orchestrator, model_name: str | None = None) -> FastAPI:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {name!r}",
                            param="model", code="model_not_found")
         messages = [m.model_dump() for m in req.messages]  # the {role, content} the chat template takes
-        # The prompt as the model the endpoint answers for sees it (the large one when there is one);
-        # tokenizing here also turns a template's refusal of the conversation into a 400.
-        role = "large" if "large" in orch.models else next(iter(orch.models))
+        # Every model's prompt, checked here so that a template's refusal of the conversation or a prompt
+        # that does not fit a model's context is a 400 before any model work. ``prompt_tokens`` reports
+        # the prompt as the model the endpoint answers for sees it (the large one when there is one).
         try:
-            n_prompt = len(prompt_ids(orch.models[role].tokenizer, messages))
+            prompts = orch.prompt_ids(messages)
         except TemplateError as e:
             raise APIError(400, f"the model's chat template rejected the messages: {e}", param="messages") from None
+        except ContextLengthError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        n_prompt = len(prompts["large" if "large" in prompts else next(iter(prompts))])
         return _Call(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), messages, n_prompt, req)
 
     @app.post("/v1/chat/completions", response_model=None,
@@ -559,7 +578,56 @@ def create_app(orch: Orchestrator, model_name: str | None = None) -> FastAPI:
     return app
 
 
-def serve(cfg: RunConfig, host: str, port: int) -> None:
+def read_deadline_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection that does not send a whole request within ``seconds``.
+
+    uvicorn bounds only idle keep-alive connections: a client that sends half a request's
+    headers or body would hold its socket (and, for a body, its handler) forever. The deadline
+    is armed whenever the connection waits for a request (on connect and after each response)
+    and, when it fires, closes the connection if no new request head has arrived or its body is
+    still incomplete (the handler then sees a disconnect). A request being answered is not timed.
+    It reads two attributes both of uvicorn's HTTP/1.1 protocols keep: ``cycle`` (the request,
+    made once its head is parsed) and ``cycle.more_body``.
+    """
+
+    class ReadDeadlineProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._expire, self.cycle)
+
+        def _expire(self, waited_after: Any) -> None:
+            cycle = self.cycle
+            no_head = cycle is waited_after and (cycle is None or cycle.response_complete)
+            no_body = cycle is not None and not cycle.response_complete and cycle.more_body
+            if (no_head or no_body) and not self.transport.is_closing():
+                logger.info("closing %s: no whole request within %ss", self.client, seconds)
+                self.transport.close()
+
+    return ReadDeadlineProtocol
+
+
+def server_settings(read_timeout: float = READ_TIMEOUT_S) -> dict[str, Any]:
+    """uvicorn's settings for ``reasonspec serve`` (the in-process test server uses them too)."""
+    return {"http": read_deadline_protocol(read_timeout), "timeout_keep_alive": KEEP_ALIVE_S,
+            "timeout_graceful_shutdown": SHUTDOWN_GRACE_S}
+
+
+def serve(cfg: RunConfig, host: str, port: int, read_timeout: float = READ_TIMEOUT_S) -> None:
     """Serve ``cfg`` with uvicorn until interrupted (``reasonspec serve``)."""
-    # A bounded graceful shutdown: open streams of long reasonings must not hold Ctrl-C for minutes.
-    uvicorn.run(create_app(Orchestrator(cfg)), host=host, port=port, timeout_graceful_shutdown=10)
+    uvicorn.run(create_app(Orchestrator(cfg)), host=host, port=port, **server_settings(read_timeout))

@@ -28,7 +28,9 @@ from evals.arith.problems import random_problem
 from orchestrator.config import ConfigError, RunConfig, load_config
 from orchestrator.core import Orchestrator
 from orchestrator.prompting import user_message
-from orchestrator.server import MAX_BODY_BYTES, MAX_TOKENS_FACTOR, ReasoningSplitter, ServerStats, create_app
+from orchestrator.server import (
+    MAX_BODY_BYTES, MAX_TOKENS_FACTOR, ReasoningSplitter, ServerStats, create_app, server_settings,
+)
 
 CONFIGS = os.environ.get("REASONSPEC_SERVER_CONFIGS", "arith/small-only,arith/specreason").split(",")
 PROBLEM = "12 + 7 - 3 + 25"
@@ -65,7 +67,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[Running]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # a free port, held from now on: no race with other processes
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", **server_settings()))  # as `reasonspec serve`
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
