@@ -46,10 +46,10 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self) -> float:
-        """SIGTERM, then the seconds until the process is gone (killed after a bound, to clean up)."""
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> float:
+        """``sig``, then the seconds until the process is gone (killed after a bound, to clean up)."""
         t0 = time.perf_counter()
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(sig)
         try:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
@@ -203,8 +203,9 @@ def test_a_dropped_stream_leaves_no_pending_task(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- shutdown
 
 
-def test_shutdown_is_prompt_whatever_the_engines_are_doing(tmp_path: Path) -> None:
-    """SIGTERM with long requests (plain and streamed) decoding and a 30k-token prompt sent: gone in a few seconds."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_shutdown_is_prompt_whatever_the_engines_are_doing(tmp_path: Path, sig: signal.Signals) -> None:
+    """A signal with long requests (plain and streamed) decoding and a 30k-token prompt sent: gone in seconds."""
     srv = _start(tmp_path)
     n_streams = 4
     streaming = threading.Semaphore(0)
@@ -226,9 +227,9 @@ def test_shutdown_is_prompt_whatever_the_engines_are_doing(tmp_path: Path) -> No
         t.start()
     for _ in range(n_streams):
         assert streaming.acquire(timeout=60), "the streams did not start"
-    elapsed = srv.stop()
+    elapsed = srv.stop(sig)
     for t in threads:
         t.join(10)
-    print(f"\n[serve] SIGTERM with {len(bodies)} requests in flight: exited in {elapsed:.2f}s")
+    print(f"\n[serve] {sig.name} with {len(bodies)} requests in flight: exited in {elapsed:.2f}s")
     assert elapsed < SHUTDOWN_BOUND_S, srv.log_text()[-3000:]
     assert srv.process.returncode is not None
