@@ -75,12 +75,16 @@ def place_labels(ax: Axes, points: Sequence[Point], fontsize: float = 8) -> list
     px_per_pt = fig.dpi / 72.0
     axes_box = ax.get_window_extent(renderer)
     centres = [ax.transData.transform((p.x, p.y)) for p in points]
-    marker_r = 4.0 * px_per_pt
-    taken: list[Bbox] = [Bbox.from_extents(cx - marker_r, cy - marker_r, cx + marker_r, cy + marker_r)
-                         for cx, cy in centres]
+    own_r, other_r = 4.0 * px_per_pt, 9.0 * px_per_pt  # a label keeps clear of other points' markers
+
+    def square(c: Sequence[float], r: float) -> Bbox:
+        return Bbox.from_extents(c[0] - r, c[1] - r, c[0] + r, c[1] + r)
+
+    labels: list[Bbox] = []
     annotations = []
     for i, (p, (cx, cy)) in enumerate(zip(points, centres)):
         others = [c for j, c in enumerate(centres) if j != i]
+        taken = [*labels, square((cx, cy), own_r), *(square(o, other_r) for o in others)]
         probe = ax.text(0, 0, p.label, fontsize=fontsize)
         extent = probe.get_window_extent(renderer)
         probe.remove()
@@ -104,7 +108,7 @@ def place_labels(ax: Axes, points: Sequence[Point], fontsize: float = 8) -> list
                 break
         assert best is not None
         _, dx, dy, box = best
-        taken.append(box)
+        labels.append(box)
         ha = "left" if dx > 0 else "right" if dx < 0 else "center"
         va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
         leader = max(abs(dx), abs(dy)) > _RINGS_PT[0]
