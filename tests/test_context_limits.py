@@ -98,7 +98,7 @@ class Recording:
 
 
 @pytest.mark.parametrize("config", ["arith/small-only", "arith/specreason", "arith/specreason-prompt",
-                                    "arith/consultant"])
+                                    "arith/spec-thinking", "arith/consultant", "arith/speculative"])
 async def test_a_chain_that_fills_the_context_ends_with_length(engines: Any, config: str) -> None:
     """Step-level and token-level (explicit ids) policies alike: every call fits, the result says "length"."""
     cfg = load_config(config)
