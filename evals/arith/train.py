@@ -18,6 +18,7 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,20 +123,25 @@ def train_problem(rng: random.Random) -> ArithProblem:
             return p
 
 
-def batch(enc: ExampleEncoder, spec: ModelSpec, rng: random.Random, size: int, pad: int) -> dict[str, torch.Tensor]:
-    rows = [
-        enc.judge(train_problem(rng), rng) if rng.random() < spec.judge_share else enc.solution(train_problem(rng), rng)
-        for _ in range(size)
-    ]
+def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded (input_ids, labels) rows as a training batch."""
     width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((size, width), pad)
-    labels = torch.full((size, width), -100)
-    mask = torch.zeros((size, width), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, lab) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def batch(enc: ExampleEncoder, spec: ModelSpec, rng: random.Random, size: int, pad: int) -> dict[str, torch.Tensor]:
+    rows = [
+        enc.judge(train_problem(rng), rng) if rng.random() < spec.judge_share else enc.solution(train_problem(rng), rng)
+        for _ in range(size)
+    ]
+    return collate(rows, pad)
 
 
 def build_model(spec: ModelSpec, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -156,27 +162,34 @@ def build_model(spec: ModelSpec, tok: PreTrainedTokenizerFast) -> LlamaForCausal
 
 
 @torch.no_grad()
-def greedy_accuracy(model: LlamaForCausalLM, enc: ExampleEncoder, problems: list[ArithProblem], bs: int = 50) -> dict:
-    """Greedy final-answer accuracy and how often the model reflects ("Wait")."""
+def greedy_texts(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: list[list[int]], max_new_tokens: int,
+                 bs: int = 50) -> list[str]:
+    """Greedy continuations of left-padded prompt batches, decoded without special tokens."""
+    was_training = model.training
     model.eval()
-    tok = enc.tok
-    correct = reflect = 0
-    for i in range(0, len(problems), bs):
-        chunk = problems[i : i + bs]
-        prompts = [enc.prompt(p) for p in chunk]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    texts = []
+    for i in range(0, len(prompts), bs):
+        chunk = prompts[i : i + bs]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long()
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=200, do_sample=False,
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )
-        for p, row in zip(chunk, out[:, width:]):
-            text = tok.decode(row, skip_special_tokens=True)
-            m = BOXED.findall(text)
-            correct += bool(m) and int(m[-1]) == p.answer
-            reflect += "Wait" in text
-    model.train()
+        texts += [tok.decode(row, skip_special_tokens=True) for row in out[:, width:]]
+    model.train(was_training)
+    return texts
+
+
+def greedy_accuracy(model: LlamaForCausalLM, enc: ExampleEncoder, problems: list[ArithProblem], bs: int = 50) -> dict:
+    """Greedy final-answer accuracy and how often the model reflects ("Wait")."""
+    texts = greedy_texts(model, enc.tok, [enc.prompt(p) for p in problems], 200, bs)
+    correct = reflect = 0
+    for p, text in zip(problems, texts):
+        m = BOXED.findall(text)
+        correct += bool(m) and int(m[-1]) == p.answer
+        reflect += "Wait" in text
     return {"accuracy": correct / len(problems), "reflection_rate": reflect / len(problems)}
 
 
@@ -200,32 +213,37 @@ reasonspec `arith` world, trained from scratch by `python -m evals.arith.train` 
     (path / "README.md").write_text(card)
 
 
-def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval_every: int, ckpt_every: int,
-          max_steps: int | None) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    spec = SPECS[name]
-    total = max_steps or spec.max_steps
-    tok = load_or_build_tokenizer(out)
-    enc = ExampleEncoder(tok)
-    torch.manual_seed(seed)
-    model = build_model(spec, tok)
+@dataclass
+class FitResult:
+    steps: int
+    loss: float | None  # moving average of the training loss
+    history: list[dict]  # one record per evaluation
+    stop_reason: str
+    t0: float  # wall-clock start, moved back by the time earlier (resumed) runs took
+
+
+def fit(model: LlamaForCausalLM, spec: ModelSpec, total: int, minutes: float, make_batch: Callable[[int], dict[str, torch.Tensor]],
+        evaluate: Callable[[LlamaForCausalLM], dict], rng: random.Random, ckpt: Path, log_path: Path, eval_every: int,
+        ckpt_every: int, desc: str) -> FitResult:
+    """The training loop both arith generations share: AdamW with warmup and cosine decay, a tqdm bar, an
+    evaluation every ``eval_every`` steps appended to ``log_path`` (early stop at ``spec.stop_at_val_acc``),
+    and a checkpoint (model, optimizer, schedule, data and torch RNG, history) that the next run resumes from.
+
+    ``make_batch(step)`` draws the next batch from ``rng``, whose state is checkpointed with the rest.
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     )
-    rng = random.Random(f"train/{name}/{seed}")
-    ckpt = out / ".ckpt" / f"{name}.pt"
     step, elapsed, history = 0, 0.0, []
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
         rng.setstate(state["rng"]); torch.set_rng_state(state["torch_rng"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        print(f"resumed {name} at step {step}")
-    val = ArithGenerator("val", "medium", seed=0).take(100)
-    log_path = out / f"train-{name}.jsonl"
-    bar = tqdm(total=total, initial=step, desc=f"train {name}")
+        print(f"resumed {desc} at step {step}")
+    bar = tqdm(total=total, initial=step, desc=desc)
     model.train()
     t0 = time.time() - elapsed
     loss_ema = None
@@ -240,7 +258,7 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
         if (time.time() - t0) / 60 > minutes:
             stop_reason = "time budget"
             break
-        b = batch(enc, spec, rng, batch_size, tok.pad_token_id)
+        b = make_batch(step)
         loss = model(**b).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -250,7 +268,7 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if step % eval_every == 0 or step == total:
-            metrics = greedy_accuracy(model, enc, val)
+            metrics = evaluate(model)
             rec = {"step": step, "loss": loss_ema, "minutes": (time.time() - t0) / 60, **{f"val_{k}": v for k, v in metrics.items()}}
             history.append(rec)
             with log_path.open("a") as f:
@@ -263,6 +281,24 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
             save_ckpt()
     bar.close()
     save_ckpt()
+    return FitResult(step, loss_ema, history, stop_reason, t0)
+
+
+def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval_every: int, ckpt_every: int,
+          max_steps: int | None) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = SPECS[name]
+    total = max_steps or spec.max_steps
+    tok = load_or_build_tokenizer(out)
+    enc = ExampleEncoder(tok)
+    torch.manual_seed(seed)
+    model = build_model(spec, tok)
+    rng = random.Random(f"train/{name}/{seed}")
+    val = ArithGenerator("val", "medium", seed=0).take(100)
+    res = fit(model, spec, total, minutes, lambda _: batch(enc, spec, rng, batch_size, tok.pad_token_id),
+              lambda m: greedy_accuracy(m, enc, val), rng, out / ".ckpt" / f"{name}.pt", out / f"train-{name}.jsonl",
+              eval_every, ckpt_every, f"train {name}")
+    step, loss_ema, history, stop_reason, t0 = res.steps, res.loss, res.history, res.stop_reason, res.t0
     print(f"{name}: stopped after {step} steps ({stop_reason})")
     test = ArithGenerator("test", "medium", seed=0).take(200)
     metrics = greedy_accuracy(model, enc, test)
