@@ -30,6 +30,7 @@ def _quiet_logs() -> None:
 
     quiet_library_progress()  # off a terminal, library progress bars would print a line per redraw
 
+
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="config name (arith/specreason) or YAML path")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="dotted override, e.g. models.large.backend=vllm")]
 
@@ -213,18 +214,27 @@ def sweep(
     try:
         knobs = parse_grid(grid)
         plan_sweep(config, knobs, set, baselines)  # fail fast on a bad grid key before the first run
-    except (GridError, ConfigError) as err:
-        console.print(f"[red]grid error:[/red] {err}")
-        raise typer.Exit(2) from None
+    except GridError as err:
+        _fail("grid error", err)
     out_dir = out or Path(f"runs/sweep-{cfg.name}")
-    result = asyncio.run(run_sweep(
-        config, knobs, out_dir, dataset=dataset or e.dataset, limit=limit or e.limit,
-        concurrency=concurrency or e.concurrency, overrides=set,
-        dataset_path=str(dataset_path) if dataset_path else e.dataset_path, split=e.split, fields=e.fields,
-        samples=samples or e.samples, resume=resume, overwrite=overwrite, baselines=baselines))
+    with _user_errors():  # a bad dataset, or a point's folder holding another run
+        try:
+            result = asyncio.run(run_sweep(
+                config, knobs, out_dir, dataset=dataset or e.dataset, limit=limit or e.limit,
+                concurrency=concurrency or e.concurrency, overrides=set,
+                dataset_path=str(dataset_path) if dataset_path else e.dataset_path, split=e.split, fields=e.fields,
+                samples=samples or e.samples, resume=resume, overwrite=overwrite, baselines=baselines))
+        except KeyboardInterrupt:  # finished points, and what finished of the current one, are on disk
+            err_console.print(f"interrupted: finished results are in {out_dir}; --resume continues")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     print_compact(result["rows"], console, columns=SWEEP_COLUMNS, title=sweep_title(result),
                   caption=f"*: Pareto front; speedup against {result['speedup_baseline']}")
     console.print(f"see {out_dir}/sweep.md, sweep.json, sweep.png")
+    incomplete = [r["label"] for r in result["rows"] if r.get("complete") is False]
+    if incomplete:
+        err_console.print(f"[yellow]incomplete:[/yellow] {', '.join(incomplete)} have failed problems (see their "
+                          "errors.jsonl); --resume retries them")
+        raise typer.Exit(EXIT_INCOMPLETE)
 
 
 @app.command()
