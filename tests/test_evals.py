@@ -181,19 +181,28 @@ async def test_run_eval_writes_results_and_summary(arith_small, tmp_path, count_
         await run_eval(arith_small, problems, tmp_path, concurrency=1, progress=False)
 
 
-async def test_interrupt_then_resume_after_a_crash(arith_small, tmp_path, count_solves):
-    problems = load_dataset("arith", limit=12)  # enough that the run is still going when 3 are in
+async def test_interrupt_then_resume_after_a_crash(arith_small, tmp_path, count_solves, monkeypatch):
+    problems = load_dataset("arith", limit=5)
     results = tmp_path / RESULTS
+    solve, started, never = arith_small.asolve, [], asyncio.Event()
+
+    async def three_then_stuck(problem, **kw):  # the run is still going when 3 are in, however fast they were
+        started.append(problem)
+        if len(started) > 3:
+            await never.wait()
+        return await solve(problem, **kw)
 
     # Ctrl-C once a few results are in: what finished is on disk, line by line
+    monkeypatch.setattr(arith_small, "asolve", three_then_stuck)
     task = asyncio.create_task(run_eval(arith_small, problems, tmp_path, concurrency=2, progress=False))
     while not task.done() and (not results.exists() or len(results.read_text().splitlines()) < 3):
         await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    monkeypatch.setattr(arith_small, "asolve", solve)
     lines = results.read_text().splitlines()
-    assert 3 <= len(lines) < 12 and all(json.loads(line) for line in lines)
+    assert len(lines) == 3 and all(json.loads(line) for line in lines)
     partial = json.loads((tmp_path / "summary.json").read_text())  # what finished is summarized before stopping
     assert partial["completed"] == len(lines) and partial["complete"] is False
 
@@ -209,7 +218,7 @@ async def test_interrupt_then_resume_after_a_crash(arith_small, tmp_path, count_
     assert sorted(i for i, _ in count_solves) == sorted({p.id for p in problems} - {r["id"] for r in kept})
     by_id = {r["id"]: r for r in records}
     assert all(by_id[r["id"]] == r for r in kept)  # finished lines untouched, not redone
-    assert summary["n"] == 12 and summary["runs"] == 2
+    assert summary["n"] == 5 and summary["runs"] == 2
 
     count_solves.clear()  # nothing left to do
     again = await run_eval(arith_small, problems, tmp_path, concurrency=2, resume=True, progress=False)
