@@ -174,7 +174,7 @@ def greedy_texts(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts:
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in chunk])[:, None]).long()
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )
         texts += [tok.decode(row, skip_special_tokens=True) for row in out[:, width:]]
@@ -223,13 +223,16 @@ class FitResult:
 
 
 def fit(model: LlamaForCausalLM, spec: ModelSpec, total: int, minutes: float, make_batch: Callable[[int], dict[str, torch.Tensor]],
-        evaluate: Callable[[LlamaForCausalLM], dict], rng: random.Random, ckpt: Path, log_path: Path, eval_every: int,
-        ckpt_every: int, desc: str) -> FitResult:
+        evaluate: Callable[[LlamaForCausalLM], dict], rng: random.Random | None, ckpt: Path, log_path: Path, eval_every: int,
+        ckpt_every: int, desc: str,
+        loss_fn: Callable[[LlamaForCausalLM, dict[str, torch.Tensor]], torch.Tensor] = lambda m, b: m(**b).loss) -> FitResult:
     """The training loop both arith generations share: AdamW with warmup and cosine decay, a tqdm bar, an
     evaluation every ``eval_every`` steps appended to ``log_path`` (early stop at ``spec.stop_at_val_acc``),
     and a checkpoint (model, optimizer, schedule, data and torch RNG, history) that the next run resumes from.
 
-    ``make_batch(step)`` draws the next batch from ``rng``, whose state is checkpointed with the rest.
+    ``make_batch(step)`` draws the next batch from ``rng``, whose state is checkpointed with the rest (None: the
+    batches are a function of the step alone);
+    ``loss_fn(model, batch)`` is the model's own next-token loss unless a caller weighs parts of the batch.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = 100
@@ -240,7 +243,9 @@ def fit(model: LlamaForCausalLM, spec: ModelSpec, total: int, minutes: float, ma
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        rng.setstate(state["rng"]); torch.set_rng_state(state["torch_rng"])
+        if rng is not None:
+            rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
         print(f"resumed {desc} at step {step}")
     bar = tqdm(total=total, initial=step, desc=desc)
@@ -250,7 +255,7 @@ def fit(model: LlamaForCausalLM, spec: ModelSpec, total: int, minutes: float, ma
 
     def save_ckpt() -> None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng.getstate(),
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "rng": rng and rng.getstate(),
                     "torch_rng": torch.get_rng_state(), "step": step, "elapsed": time.time() - t0, "history": history}, ckpt)
 
     stop_reason = "max steps"
@@ -259,7 +264,7 @@ def fit(model: LlamaForCausalLM, spec: ModelSpec, total: int, minutes: float, ma
             stop_reason = "time budget"
             break
         b = make_batch(step)
-        loss = model(**b).loss
+        loss = loss_fn(model, b)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
