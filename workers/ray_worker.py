@@ -141,11 +141,11 @@ class RayWorker:
             demand = str({k: v for k, v in {**wanted, **options.get("resources", {})}.items() if v})
         return cls(actor, name=name, call_timeout_s=call_timeout_s, placement_group=placement_group, demand=demand)
 
-    async def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+    async def _call(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
         if self._closed:
             raise WorkerError(f"{self.name}: worker is closed")
         timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
-        ref = getattr(self.actor, method).remote(*args)
+        ref = getattr(self.actor, method).remote(*args, **kwargs)
         try:
             result = await asyncio.wait_for(ref, timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError) as e:
