@@ -1,14 +1,18 @@
 """One request: its models, the reasoning so far, the trace, metrics and events.
 
-Policies extend a session through a few methods (``generate``, ``append``,
-``reject``, ``judge_ids``...), so every decision lands in the trace and every
-model call in the metrics, whatever the policy.
+The Session keeps the books; policies say what happened. They call models through
+it (``generate``, ``score``, ``next_token_logprobs``: metered, capped to the budget
+and the context) and report decisions through one path: ``accept`` (a model's
+generation or inserted text), ``accept_tokens`` (token-level policies), ``reject``
+and ``tally`` (proposals and handoffs), ``finish``. Trace, metrics and events stay
+consistent whatever the policy.
 
-The reasoning is kept as text: each model sees ``its prompt ids + its encoding of
-the text``, so two models with different tokenizers can share a chain of thought
-(step-level policies); token-level policies work on ids of a shared vocabulary.
-Encoding the same text again yields the same ids, so a model's prefix cache serves
-everything it has already seen.
+The reasoning is a token log per model (``orchestrator.token_log``): each model's
+prompt ids, then the reasoning in its own ids, its own output appended as written;
+only text from a model with another vocabulary is tokenized, a boundary window at
+a time. Text is kept as the pieces that were accepted. Per-step work is O(step),
+independent of how long the chain is, and each model's prefix cache serves all it
+has seen.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator.answer import final_answer
 from orchestrator.context import room
+from orchestrator.token_log import IncrementalText, Piece, TokenLog
 from workers.protocol import Generation, GenParams, NextToken, Worker
 
 Role = str
@@ -125,7 +130,6 @@ class Session:
     max_tokens: int
     id: str | None = None
     seed: int = 0
-    reasoning: str = ""
     segments: list[Segment] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     finished: bool = False
@@ -133,6 +137,12 @@ class Session:
     _calls: int = 0
     _rng: torch.Generator | None = None
     _t0: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self._logs = {role: TokenLog(h, self.prompt_ids[role]) for role, h in self.models.items()}
+        self._pieces: list[str] = []
+        self._eos = {h.eos_token_id for h in self.models.values() if h.eos_token_id is not None}
+        self._detok: IncrementalText | None = None  # the text of tokens accepted by token-level policies
 
     def generator(self) -> torch.Generator:
         """The request's own RNG for policy-side sampling (seeded: runs are reproducible)."""
@@ -142,10 +152,26 @@ class Session:
 
     # ------------------------------------------------------------ token views
 
-    def ids(self, role: Role, extra: str = "") -> list[int]:
-        """Prompt + reasoning (+ extra text) in ``role``'s tokens."""
-        h = self.models[role]
-        return self.prompt_ids[role] + h.encode(self.reasoning + extra)
+    @property
+    def reasoning(self) -> str:
+        """The reasoning so far (joined on demand: policies read pieces, not the whole)."""
+        if len(self._pieces) > 1:
+            self._pieces[:] = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def ids(self, role: Role) -> list[int]:
+        """Prompt + reasoning in ``role``'s tokens (a copy: the log itself changes only through ``accept``)."""
+        return list(self._logs[role].ids)
+
+    def view(self, role: Role, *pieces: Piece) -> list[int]:
+        """What ``role`` would see with ``pieces`` accepted (a judge's context, a look-ahead draft's prompt)."""
+        return self._logs[role].view(*pieces)
+
+    def split(self, role: Role, *pieces: Piece) -> tuple[list[int], list[int]]:
+        """``view`` as (ids ``role`` has already seen, ids that are new): the prefix comes from its cache."""
+        log = self._logs[role]
+        keep, new = log.split(*pieces)
+        return log.ids[:keep], new
 
     @property
     def accepted_tokens(self) -> int:
@@ -154,6 +180,10 @@ class Session:
     @property
     def budget_left(self) -> int:
         return max(0, self.max_tokens - self.accepted_tokens)
+
+    @property
+    def out_of_budget(self) -> bool:
+        return self.budget_left <= 0
 
     # ------------------------------------------------------------ model calls
 
@@ -168,7 +198,7 @@ class Session:
         ``max_tokens`` is capped by the budget and by the room left in the model's context;
         with no room left this raises ``ContextFull`` (the chain ends with "length").
         """
-        ids = self.ids(role) if ids is None else ids
+        ids = self._logs[role].ids if ids is None else ids
         left = room(self.models[role], len(ids))
         overrides.setdefault("max_tokens", self.budget_left)
         overrides["max_tokens"] = max(1, min(overrides["max_tokens"], self.budget_left or 1, left))
@@ -189,43 +219,92 @@ class Session:
         self.metrics.add_call(role, 0, 1, len(prefix), 0)
         return out
 
-    # ------------------------------------------------------------ trace
+    # ------------------------------------------------------------ decisions: the books
 
     def _emit(self, seg: Segment) -> None:
         self.segments.append(seg)
         if self.events is not None:
             self.events.put_nowait(Event(type="segment", segment=seg))
 
-    def append(self, author: Role, text: str, tokens: int, kind: str = "step", score: float | None = None,
-               note: str | None = None) -> None:
-        """Accept ``text`` into the reasoning.
+    def piece(self, author: Role, g: Generation, then: str = "", text: str | None = None) -> Piece:
+        """``g``'s text and ``then`` (e.g. the delimiter a stop string removed) with the ids ``author`` wrote.
 
-        An answer in the text does not end the request: whether it does is the
-        policy's rule (SpecReason stops on an answer marker; the others run to EOS
-        or the budget, as their reference code does).
+        ``text``: what the generation stands for when the policy edited it; its ids then no longer apply.
+        A final EOS is not part of the reasoning (it ends the request), so it is left out.
         """
-        self.reasoning += text
+        if text is not None and text != g.text + then:
+            return Piece(text)
+        ids = g.token_ids[:-1] if g.finish_reason == "eos" and g.token_ids and g.token_ids[-1] in self._eos else g.token_ids
+        return Piece(g.text + then, ids, self.models[author].vocab_fingerprint)
+
+    def accept(self, author: Role, g: Generation, *, then: str = "", text: str | None = None, kind: str = "step",
+               score: float | None = None, note: str | None = None) -> None:
+        """Accept ``author``'s generation ``g`` (see ``piece``) into the reasoning; EOS ends the request.
+
+        Its ids go into every log of its vocabulary as written; other logs tokenize
+        its text at the boundary; its ids count against the budget. An answer in
+        the text does not end the request: that is a policy's rule (SpecReason
+        stops on an answer marker; the others run to EOS or the budget, as their
+        reference code does).
+        """
+        piece = self.piece(author, g, then, text)
+        for log in self._logs.values():
+            log.append(piece)
+        self._record(author, piece.text, len(g.token_ids), kind, score, note)
+        if g.finish_reason == "eos":
+            self.finish("eos")
+
+    def insert(self, author: Role, text: str, *, kind: str = "review", note: str | None = None) -> None:
+        """Text a policy puts into the reasoning on ``author``'s behalf (a review prompt): no tokens written."""
+        for log in self._logs.values():
+            log.append(Piece(text))
+        self._record(author, text, 0, kind, None, note)
+
+    def accept_tokens(self, author: Role, tokens: list[int], *, scored: bool = False) -> None:
+        """Token-level policies (one shared vocabulary): append ids to every log; EOS among them ends the request.
+
+        ``scored``: the ids came out of a scoring pass, not a generate call, so they
+        are counted here as written by ``author``.
+        """
+        for log in self._logs.values():
+            log.ids.extend(tokens)
+        if self._detok is None:
+            role = next(iter(self._logs))
+            self._detok = IncrementalText(self.models[role], self._logs[role].n_prompt)
+        text = self._detok.advance(next(iter(self._logs.values())).ids)
+        if scored:
+            self.metrics.tokens[author] = self.metrics.tokens.get(author, 0) + len(tokens)
+        self._record(author, text, len(tokens), "tokens", None, None)
+        if self._eos.intersection(tokens):
+            self.finish("eos")
+
+    def _record(self, author: Role, text: str, tokens: int, kind: str, score: float | None, note: str | None) -> None:
+        self._pieces.append(text)
         self.metrics.accepted_tokens[author] = self.metrics.accepted_tokens.get(author, 0) + tokens
         self._emit(Segment(author=author, text=text, tokens=tokens, kind=kind, score=score, note=note))
 
     def reject(self, author: Role, text: str, tokens: int, kind: str = "step", score: float | None = None,
                note: str | None = None) -> None:
+        """Record a proposal that does not join the reasoning (the trace keeps it)."""
         self._emit(Segment(author=author, text=text, tokens=tokens, kind=kind, accepted=False, score=score, note=note))
+
+    def tally(self, proposed: int = 0, accepted: int = 0, handoffs: int = 0) -> None:
+        """Count a policy's proposals (steps, probes or draft tokens), how many were kept, and handoffs."""
+        self.metrics.proposed += proposed
+        self.metrics.accepted += accepted
+        self.metrics.handoffs += handoffs
 
     def finish(self, reason: str) -> None:
         if not self.finished:
             self.finished = True
             self.metrics.finish_reason = reason
 
-    @property
-    def out_of_budget(self) -> bool:
-        return self.budget_left <= 0
-
     def result(self, policy: str) -> Result:
         self.metrics.wall_s = time.perf_counter() - self._t0
         if not self.metrics.finish_reason:
             self.metrics.finish_reason = "budget" if self.out_of_budget else "stopped"
+        text = self.reasoning
         return Result(
-            id=self.id, problem=self.problem, text=self.reasoning, answer=final_answer(self.reasoning),
+            id=self.id, problem=self.problem, text=text, answer=final_answer(text),
             policy=policy, segments=self.segments, metrics=self.metrics,
         )

@@ -27,8 +27,8 @@ class _SingleModel(Policy):
 
     async def run(self, session: Session) -> None:
         g = await session.generate(self.role)
-        session.append(self.role, g.text, len(g.token_ids), kind="burst")
-        session.finish("eos" if g.finish_reason == "eos" else g.finish_reason)
+        session.accept(self.role, g, kind="burst")
+        session.finish(g.finish_reason)  # EOS already ended it; else "length" or "stop"
 
 
 class LargeOnly(_SingleModel):

@@ -11,6 +11,7 @@ around a sentinel, so it is right for any model's chat template.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 DEFAULT_INSTRUCTION = (
@@ -34,3 +35,9 @@ def judge_suffix_text(tokenizer: Any, instruction: str = DEFAULT_INSTRUCTION, pr
     if not sep:
         raise ValueError("the chat template dropped the assistant turn; cannot build a judge prompt for this model")
     return suffix
+
+
+@functools.lru_cache(maxsize=32)
+def judge_suffix_ids(tokenizer: Any, instruction: str = DEFAULT_INSTRUCTION, prefill: str = DEFAULT_PREFILL) -> tuple[int, ...]:
+    """The judge suffix in ``tokenizer``'s ids, computed once per tokenizer and prompt (a pure function)."""
+    return tuple(tokenizer.encode(judge_suffix_text(tokenizer, instruction, prefill), add_special_tokens=False))

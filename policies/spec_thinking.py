@@ -79,9 +79,7 @@ class SpeculativeThinking(Policy):
 
     async def _large_burst(self, session: Session, n: int, kind: str, note: str) -> str:
         g = await session.generate("large", max_tokens=n)
-        session.append("large", g.text, len(g.token_ids), kind=kind, note=note)
-        if g.finish_reason == "eos":
-            session.finish("eos")
+        session.accept("large", g, kind=kind, note=note)
         return g.text
 
     def _greedy_resample(self, session: Session, probe: Generation) -> Generation | None:
@@ -110,27 +108,24 @@ class SpeculativeThinking(Policy):
             g = resampled or await session.generate("small", stop=[p.delimiter], max_tokens=p.max_segment_tokens)
             resampled = None
             hit = g.finish_reason == "stop"
-            session.append("small", g.text + (p.delimiter if hit else ""), len(g.token_ids))
-            if g.finish_reason == "eos":
-                session.finish("eos")
+            session.accept("small", g, then=p.delimiter if hit else "")
             if session.finished or not hit or session.out_of_budget:
                 continue
             if negatives >= threshold:
-                session.append("large", p.review_prompt, 0, kind="review", note="excessive reflection")
-                session.metrics.handoffs += 1
+                session.insert("large", p.review_prompt, note="excessive reflection")
+                session.tally(handoffs=1)
                 await self._large_burst(session, n3, "review", "review")
                 negatives, n3, threshold = 0, min(n3 + p.n3_step, p.n3_max), min(threshold + p.neg_step, p.neg_max)
                 continue
             probe = await session.generate("small", max_tokens=p.n1)
             kind = classify(probe.text, p)
-            session.metrics.proposed += 1
             if kind == "statement":  # the small model keeps control and resamples from the delimiter
-                session.metrics.accepted += 1
+                session.tally(proposed=1, accepted=1)
                 session.reject("small", probe.text, len(probe.token_ids), kind="probe", note="statement: resampled")
                 resampled = self._greedy_resample(session, probe)
                 continue
             session.reject("small", probe.text, len(probe.token_ids), kind="probe", note=kind)
-            session.metrics.handoffs += 1
+            session.tally(proposed=1, handoffs=1)
             text = await self._large_burst(session, p.n1, "burst", kind)
             if classify(text, p) == "reflection":
                 negatives += 1

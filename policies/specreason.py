@@ -42,10 +42,11 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from policies.base import Policy, PolicyParams
-from policies.judge_prompt import DEFAULT_INSTRUCTION, DEFAULT_PREFILL, judge_suffix_text
+from policies.judge_prompt import DEFAULT_INSTRUCTION, DEFAULT_PREFILL, judge_suffix_ids
 
 if TYPE_CHECKING:
     from orchestrator.session import ModelHandle, Session
+    from orchestrator.token_log import Piece
     from workers.protocol import Generation
 
 
@@ -84,36 +85,38 @@ class SpecReason(Policy):
 
     def check(self, models: dict[str, ModelHandle]) -> None:
         super().check(models)
-        if self.params.judge == "prompt":
-            large = models["large"]
-            self._suffix = large.encode(judge_suffix_text(large.tokenizer, self.params.judge_instruction,
-                                                          self.params.judge_prefill))
+        if self.params.judge == "prompt":  # fail at start-up if the template cannot frame a judge request
+            self._suffix(models["large"])
 
-    async def judge(self, session: Session, step: str) -> float:
+    def _suffix(self, large: ModelHandle) -> list[int]:
+        return list(judge_suffix_ids(large.tokenizer, self.params.judge_instruction, self.params.judge_prefill))
+
+    async def judge(self, session: Session, g: Generation) -> float:
+        """Score the small model's step ``g`` (0-9) as the next step of the reasoning."""
         p = self.params
         if p.judge == "likelihood":
-            prefix = session.ids("large")
-            cont = session.ids("large", step)[len(prefix):]
+            prefix, cont = session.split("large", session.piece("small", g, text=g.text))
             if not cont:
                 return 9.0
             s = await session.score("large", prefix, cont)
             return 9.0 * math.exp(sum(s.logprobs) / len(s.logprobs))
-        ids = session.ids("large", step + p.delimiter) + self._suffix
+        ids = session.view("large", session.piece("small", g, then=p.delimiter)) + self._suffix(session.models["large"])
         read = await session.next_token_logprobs("large", ids, [], top_k=JUDGE_TOP_K)
         return read_score(read.top, session.models["large"].decode, p.score_method)
 
     def _has_answer(self, step: str) -> bool:
         return any(m in step for m in self.params.answer_markers)
 
-    def _kept_text(self, g: Generation) -> str:
-        """What an accepted step adds to the reasoning: ``</think>`` dropped unless it answers, then the delimiter."""
+    def _kept(self, g: Generation) -> tuple[str, str]:
+        """``(then, text)``: an accepted step is its text, ``</think>`` dropped unless it answers, then the delimiter."""
+        then = "" if g.finish_reason == "eos" else self.params.delimiter
         step = g.text if self._has_answer(g.text) else g.text.replace("</think>", "")
-        return step + ("" if g.finish_reason == "eos" else self.params.delimiter)
+        return then, step + then
 
-    async def _step(self, session: Session, role: str, extra: str = "", budget: int | None = None) -> Generation:
+    async def _step(self, session: Session, role: str, *pieces: Piece, budget: int | None = None) -> Generation:
         p = self.params
         budget = session.budget_left if budget is None else budget
-        return await session.generate(role, ids=session.ids(role, extra), stop=[p.delimiter],
+        return await session.generate(role, ids=session.view(role, *pieces), stop=[p.delimiter],
                                       max_tokens=min(p.max_step_tokens, budget))
 
     def _draft_ahead(self, session: Session, g: Generation) -> asyncio.Future | None:
@@ -121,7 +124,8 @@ class SpecReason(Policy):
         budget = session.budget_left - len(g.token_ids)
         if g.finish_reason == "eos" or budget <= 0 or self._has_answer(g.text):
             return None  # accepting g ends the request: nothing comes after it
-        return asyncio.ensure_future(self._step(session, "small", self._kept_text(g), budget))
+        then, text = self._kept(g)
+        return asyncio.ensure_future(self._step(session, "small", session.piece("small", g, then, text), budget=budget))
 
     async def run(self, session: Session) -> None:
         p = self.params
@@ -137,27 +141,26 @@ class SpecReason(Policy):
                     author = "small"
                     g = await ahead if ahead is not None else await self._step(session, "small")
                     ahead = None
-                    judging = asyncio.ensure_future(self.judge(session, g.text))
+                    judging = asyncio.ensure_future(self.judge(session, g))
                     if p.pipeline:
                         ahead = self._draft_ahead(session, g)
                     score = await judging
-                    session.metrics.proposed += 1
                     if score >= p.threshold:
-                        session.metrics.accepted += 1
+                        session.tally(proposed=1, accepted=1)
                     else:
+                        session.tally(proposed=1, handoffs=1)
                         session.reject("small", g.text, len(g.token_ids), score=score)
-                        session.metrics.handoffs += 1
                         if ahead is not None:  # drafted on a rejected step: worthless
                             _discard(ahead)
                             ahead = None
                         author, score = "large", None
                         g = await self._step(session, "large")
                 n_steps += 1
-                step = self._kept_text(g)
-                session.append(author, step, len(g.token_ids), score=score)
-                if g.finish_reason == "eos":
-                    session.finish("eos")
-                elif self._has_answer(step):
+                then, step = self._kept(g)
+                session.accept(author, g, then=then, text=step, score=score)
+                if session.finished:  # EOS
+                    break
+                if self._has_answer(step):
                     session.finish("answer")
                 elif n_steps > 2 and step == previous:
                     session.finish("repeat")

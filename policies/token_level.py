@@ -37,32 +37,14 @@ class DraftVerifyPolicy(Policy):
         raise NotImplementedError
 
     async def run(self, session: Session) -> None:
-        large = session.models["large"]
-        ids = list(session.prompt_ids["large"])
-        n_prompt, text = len(ids), ""
-        eos = {t for t in (large.eos_token_id, session.models["small"].eos_token_id) if t is not None}
-
-        def emit(author: str, tokens: list[int]) -> None:
-            nonlocal text
-            if author == "large":  # the large model writes through scoring passes, not generate calls
-                session.metrics.tokens["large"] = session.metrics.tokens.get("large", 0) + len(tokens)
-            ids.extend(tokens)
-            new_text = large.decode(ids[n_prompt:])
-            session.append(author, new_text[len(text):], len(tokens), kind="tokens")
-            text = new_text
-
         while not session.finished and not session.out_of_budget:
+            ids = session.ids("large")  # one shared vocabulary: the small model drafts on the same ids
             draft = await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left))
             n_keep, nxt = await self.verify(session, ids, draft)
             kept = draft.token_ids[:n_keep]
-            session.metrics.proposed += len(draft.token_ids)
-            session.metrics.accepted += n_keep
+            session.tally(proposed=len(draft.token_ids), accepted=n_keep)
             if kept:
-                emit("small", kept)
-            written = list(kept)
-            if nxt is not None and not session.out_of_budget:  # a bonus token never overruns the budget
-                session.metrics.handoffs += n_keep < len(draft.token_ids)
-                emit("large", [nxt])
-                written.append(nxt)
-            if eos & set(written):
-                session.finish("eos")
+                session.accept_tokens("small", kept)
+            if nxt is not None and not session.finished and not session.out_of_budget:  # never past the budget
+                session.tally(handoffs=int(n_keep < len(draft.token_ids)))
+                session.accept_tokens("large", [nxt], scored=True)  # written through a scoring pass

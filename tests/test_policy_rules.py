@@ -44,7 +44,7 @@ async def test_specreason_judge_reads_digits_after_context():
     await pol.run(s)
     # the judge prompt extends exactly the context the large model would continue from
     judge_len = large.calls[0][1][0]
-    assert judge_len == len(s.prompt_ids["large"]) + len("a\n\n") + len(pol._suffix)
+    assert judge_len == len(s.prompt_ids["large"]) + len("a\n\n") + len(pol._suffix(s.models["large"]))
 
 
 async def test_specreason_first_n_steps_by_large_and_budget():
