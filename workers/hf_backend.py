@@ -331,10 +331,13 @@ class HFWorker:
 
     # ---------------------------------------------------------------- forward
 
-    def _forward(self, rows: list[tuple[KV | None, list[int]]]) -> tuple[list[torch.Tensor], list[KV]]:
+    def _forward(self, rows: list[tuple[KV | None, list[int]]], keep: list[int]) -> tuple[list[torch.Tensor], list[KV]]:
         """One padded forward over rows of (cached KV, new tokens).
 
-        Returns per row the logits of its new tokens and its updated KV.
+        Returns per row the logits of its last ``keep[i]`` new tokens (the positions
+        its request reads: one for a generation, the continuation for a score) and
+        its updated KV. Logits are computed for those positions only: over a long
+        uncached prompt the full ``positions x vocabulary`` matrix would not fit.
         """
         pasts = [0 if kv is None else kv[0][0].shape[2] for kv, _ in rows]
         news = [len(ids) for _, ids in rows]
@@ -349,18 +352,19 @@ class HFWorker:
             mask[i, P - p : P] = 1
             mask[i, P + N - n :] = 1
         cache = stack_kv([kv for kv, _ in rows], P)
+        k = max(keep)  # rows are right-aligned: the last k positions cover every row's reads
         out = self.model(
             input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-            past_key_values=cache, use_cache=True,
+            past_key_values=cache, use_cache=True, logits_to_keep=k,
         )
         self._stats.forward_passes += 1
         logits = out.logits.float()
-        return [logits[i, N - n :] for i, n in enumerate(news)], unstack_kv(out.past_key_values, mask)
+        return [logits[i, k - m :] for i, m in enumerate(keep)], unstack_kv(out.past_key_values, mask)
 
     # ---------------------------------------------------------------- prefill
 
     def _prefill(self, reqs: list[_Request]) -> list[_Request]:
-        rows = []
+        rows, keep = [], []
         for r in reqs:
             # the last prompt token (or, for scoring, the last prefix token) must be fed to get its logits
             need_from = (r.n_prefix if r.kind == "score" else len(r.ids)) - 1
@@ -370,10 +374,11 @@ class HFWorker:
                 kv = [(k[:, :, :cached], v[:, :, :cached]) for k, v in kv] if cached > 0 else None
             r.kv, r.cached, r.source = kv, cached, eid
             rows.append((kv, r.ids[cached:]))
+            keep.append(len(r.ids) - r.n_prefix + 1 if r.kind == "score" else 1)
             self._stats.requests += 1
             self._stats.prompt_tokens += len(r.ids) if r.kind != "score" else r.n_prefix
             self._stats.cached_prompt_tokens += cached
-        logits, kvs = self._forward(rows)
+        logits, kvs = self._forward(rows, keep)
         still_active = []
         for r, lg, kv in zip(reqs, logits, kvs):
             r.kv = kv
@@ -398,10 +403,9 @@ class HFWorker:
         return still_active
 
     def _scores(self, r: _Request, lg: torch.Tensor) -> Scores:
-        # lg[j] predicts ids[cached + j + 1]; continuation token t sits at ids[n_prefix + t]
-        first = r.n_prefix - 1 - r.cached
+        # lg holds the rows from the last prefix token on: lg[j] predicts continuation token j
         cont = torch.tensor(r.ids[r.n_prefix :], dtype=torch.long, device=lg.device)
-        lp = torch.log_softmax(lg[first : first + len(cont)], -1)
+        lp = torch.log_softmax(lg[: len(cont)], -1)
         out = Scores(
             logprobs=lp.gather(1, cont[:, None])[:, 0].tolist() if len(cont) else [],
             prompt_tokens=r.n_prefix,
@@ -416,9 +420,9 @@ class HFWorker:
         if r.full_dists:
             out.dists = lp.tolist()
         if r.full_next:
-            out.next_logprobs = torch.log_softmax(lg[first + len(cont)], -1).tolist()
+            out.next_logprobs = torch.log_softmax(lg[len(cont)], -1).tolist()
         if r.sample is not None:
-            out.sampled = self._draw(lg[first : first + len(cont) + 1], r.sample)
+            out.sampled = self._draw(lg[: len(cont) + 1], r.sample)
         return out
 
     def _draw(self, logits: torch.Tensor, params: GenParams) -> list[int]:
