@@ -7,15 +7,18 @@ fastest of each kept) so that load from other processes hits all sizes alike:
 - decode: ms per generated token at batch 1 on one thread, as `reasonspec bench`
   runs each model on one core;
 - training: mean seconds per optimizer step over one group of real batches of the
-  model's chain style (all threads), times ``max_steps``, plus the evaluations ``train`` runs (greedy
+  model's chain style, on 1 thread and on all, times ``max_steps``, plus the evaluations ``train`` runs (greedy
   decoding of the validation problems at batch 50, timed per decode step over a
-  chain-long context), gives the estimate of a full run.
+  chain-long context), gives the estimate of a full run. With other processes on
+  the cores, 2 threads wait on each other: measured under a load of ~3 on 2 cores,
+  the small model took 1.6 s per step on 2 threads and 0.27 s on 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 
@@ -67,34 +70,40 @@ def main() -> None:
     prompt = enc["large"].prompt(problems[0])
     context = enc["large"].solution(problems[0], random.Random(0))[0][:300]
     dec: dict[str, float] = {}
-    evalstep: dict[str, float] = {}
-    train: dict[str, float] = {}
+    evalstep: dict[tuple[str, int], float] = {}
+    train: dict[tuple[str, int], float] = {}
     for _ in range(args.rounds):
         for name, model in models.items():
             model.eval()
             torch.set_num_threads(1)
             dec[name] = min(dec.get(name, 1e9), decode_ms(model, prompt, args.decode_tokens))
-            torch.set_num_threads(threads)
-            evalstep[name] = min(evalstep.get(name, 1e9), decode_ms(model, context, 16, batch=50))
-            model.train()
             make = Batches(enc[name], SPECS[name], "speed", args.batch_size, SPECS[name].max_steps, [], torch.device("cpu"))
-            train[name] = min(train.get(name, 1e9), train_s_per_step(model, SPECS[name], make))
-    report = {}
+            for n in sorted({1, threads}):
+                torch.set_num_threads(n)
+                model.eval()
+                evalstep[name, n] = min(evalstep.get((name, n), 1e9), decode_ms(model, context, 16, batch=50))
+                model.train()
+                train[name, n] = min(train.get((name, n), 1e9), train_s_per_step(model, SPECS[name], make))
+            torch.set_num_threads(threads)
+    report: dict = {}
+    evals_per_run = {name: spec.max_steps // args.eval_every + 1 for name, spec in SPECS.items()}  # + the test evaluation
     for name, spec in SPECS.items():
-        evals = spec.max_steps // args.eval_every + 1  # + the final test evaluation
-        eval_min = evals * (args.val_problems / 50) * args.eval_tokens * evalstep[name] / 1000 / 60
-        train_min = spec.max_steps * train[name] / 60
         report[name] = {
             "params": sum(p.numel() for p in models[name].parameters()),
             "decode_ms_per_token": round(dec[name], 3),
             "decode_ratio_vs_small": round(dec[name] / dec["small"], 2),
-            "train_s_per_step": round(train[name], 2),
             "max_steps": spec.max_steps,
-            "estimate_minutes": round(train_min + eval_min, 1),
-            "of_which_eval_minutes": round(eval_min, 1),
         }
-    report["total_estimate_minutes"] = round(sum(r["estimate_minutes"] for r in report.values()), 1)
-    report["setup"] = {"threads": threads, "batch_size": args.batch_size, "decode_threads": 1}
+        for n in sorted({1, threads}):
+            eval_min = evals_per_run[name] * (args.val_problems / 50) * args.eval_tokens * evalstep[name, n] / 1000 / 60
+            report[name][f"{n}_threads"] = {
+                "train_s_per_step": round(train[name, n], 2),
+                "eval_minutes": round(eval_min, 1),
+                "estimate_minutes": round(spec.max_steps * train[name, n] / 60 + eval_min, 1),
+            }
+    for n in sorted({1, threads}):
+        report[f"total_estimate_minutes_{n}_threads"] = round(sum(report[m][f"{n}_threads"]["estimate_minutes"] for m in SPECS), 1)
+    report["setup"] = {"batch_size": args.batch_size, "decode_threads": 1, "load_average": os.getloadavg()}
     print(json.dumps(report, indent=1))
 
 

@@ -367,7 +367,10 @@ def main() -> None:
     ap.add_argument("--test-problems", type=int, default=200)
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="per greedy evaluation solution")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="CPU threads; on cores other processes also use, 1 is faster (see evals.arith2.speed)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         train(name, args.out, args.minutes, args.batch_size, args.seed, args.eval_every, args.ckpt_every, args.max_steps,
