@@ -142,6 +142,34 @@ class Worker(Protocol):
     async def close(self) -> None: ...
 
 
+#: The protocol's model calls whose first argument is a token sequence (a replica set routes them by it),
+#: and every call a wrapper forwards (``workers.ray_worker``: one mechanism, no per-method copies).
+ROUTED_CALLS = ("generate", "score", "next_token_logprobs")
+CALLS = (*ROUTED_CALLS, "info", "stats")
+
+
+def forwarding(send: str, names: tuple[str, ...] = CALLS):
+    """Class decorator: each protocol call ``name`` becomes ``await self.<send>(name, *args, **kwargs)``.
+
+    Wrappers (a Ray actor body, its driver-side client, a replica set) forward the
+    protocol without restating its signatures; ``Worker`` above is where they live.
+    """
+    def make(name: str):
+        async def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return await getattr(self, send)(name, *args, **kwargs)
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = f"``Worker.{name}``, forwarded."
+        return call
+
+    def decorate(cls: type) -> type:
+        for name in names:
+            setattr(cls, name, make(name))
+        return cls
+
+    return decorate
+
+
 class WorkerError(RuntimeError):
     """A worker could not serve a request (crashed, shut down, bad input)."""
 

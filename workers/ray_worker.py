@@ -29,15 +29,15 @@ import asyncio
 import itertools
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-from workers.protocol import Generation, GenParams, NextToken, Scores, Worker, WorkerError, WorkerInfo, WorkerStats
+from workers.protocol import ROUTED_CALLS, Worker, WorkerError, WorkerInfo, WorkerStats, forwarding
 
 #: Upper bound on one call, restarts and retries included: far above any sane step
 #: or judge call, low enough that a stuck engine fails its requests within the hour.
@@ -45,13 +45,12 @@ DEFAULT_CALL_TIMEOUT_S = 1800.0
 #: How long ``close`` lets the actor shut its engine down before killing it.
 CLOSE_GRACE_S = 30.0
 
-T = TypeVar("T")
-
 
 class WorkerTimeoutError(WorkerError):
     """A call got no answer within its timeout (a stuck engine, or an actor Ray cannot place)."""
 
 
+@forwarding("_serve")
 class WorkerActor:
     """Actor body: one local worker in this process (wrapped with ``ray.remote`` below).
 
@@ -62,20 +61,8 @@ class WorkerActor:
     def __init__(self, factory: Callable[[], Worker]):
         self._worker = factory()
 
-    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
-        return await self._worker.generate(prompt_ids, params)
-
-    async def score(self, prefix_ids: list[int], continuation_ids: list[int], **options: Any) -> Scores:
-        return await self._worker.score(prefix_ids, continuation_ids, **options)
-
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
-        return await self._worker.next_token_logprobs(prefix_ids, candidates, top_k)
-
-    async def info(self) -> WorkerInfo:
-        return await self._worker.info()
-
-    async def stats(self) -> WorkerStats:
-        return await self._worker.stats()
+    async def _serve(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return await getattr(self._worker, name)(*args, **kwargs)
 
     async def close(self) -> None:
         await self._worker.close()
@@ -93,6 +80,7 @@ def _death_reason(e: RayActorError) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+@forwarding("_call")
 class RayWorker:
     """The Worker protocol on a ``WorkerActor``: each call awaits the actor method's ref.
 
@@ -171,22 +159,6 @@ class RayWorker:
 
     # ---------------------------------------------------------------- protocol
 
-    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
-        return await self._call("generate", prompt_ids, params)
-
-    async def score(self, prefix_ids: list[int], continuation_ids: list[int], **options: Any) -> Scores:
-        """Options as in the ``Worker`` protocol (top_k, entropies, full_dists, full_next, sample)."""
-        return await self._call("score", prefix_ids, continuation_ids, **options)
-
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
-        return await self._call("next_token_logprobs", prefix_ids, candidates, top_k)
-
-    async def info(self) -> WorkerInfo:
-        return await self._call("info")
-
-    async def stats(self) -> WorkerStats:
-        return await self._call("stats")
-
     async def close(self) -> None:
         """Let the engine shut down cleanly (vLLM frees its GPU memory), then kill the actor.
 
@@ -227,6 +199,7 @@ def _sum_stats(stats: Sequence[WorkerStats]) -> WorkerStats:
     return WorkerStats(**{f: sum(getattr(s, f) for s in stats) for f in fields})
 
 
+@forwarding("_on", ROUTED_CALLS)
 class ReplicaSet:
     """One Worker over N replicas of a model, routing each request by prefix affinity.
 
@@ -294,24 +267,16 @@ class ReplicaSet:
         self._next = (best + 1) % n
         return best
 
-    async def _on(self, ids: list[int], call: Callable[[Worker], Awaitable[T]]) -> T:
+    async def _on(self, name: str, ids: list[int], *args: Any, **kwargs: Any) -> Any:
+        """Call ``name`` on the replica that ``ids`` (the call's token sequence) routes to."""
         i = self.route(ids)
         self.outstanding[i] += 1
         try:
-            return await call(self.replicas[i])
+            return await getattr(self.replicas[i], name)(ids, *args, **kwargs)
         finally:
             self.outstanding[i] -= 1
 
     # ---------------------------------------------------------------- protocol
-
-    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
-        return await self._on(prompt_ids, lambda w: w.generate(prompt_ids, params))
-
-    async def score(self, prefix_ids: list[int], continuation_ids: list[int], **options: Any) -> Scores:
-        return await self._on(prefix_ids, lambda w: w.score(prefix_ids, continuation_ids, **options))
-
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
-        return await self._on(prefix_ids, lambda w: w.next_token_logprobs(prefix_ids, candidates, top_k))
 
     async def info(self) -> WorkerInfo:
         return await self.replicas[0].info()  # replicas run the same model
