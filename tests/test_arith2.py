@@ -152,10 +152,12 @@ def test_tokenizer_merges_across_step_boundaries(tok, problems):
     steps = text.split(STEP_SEP)
     piecewise = []
     for i, s in enumerate(steps):
-        piecewise += tok.encode(s, add_special_tokens=False) + (tok.encode(STEP_SEP, add_special_tokens=False) if i < len(steps) - 1 else [])
+        sep = tok.encode(STEP_SEP, add_special_tokens=False) if i < len(steps) - 1 else []
+        piecewise += tok.encode(s, add_special_tokens=False) + sep
     assert whole != piecewise and len(whole) < len(piecewise)
     assert tok.decode(whole) == tok.decode(piecewise) == text
-    assert [tok.decode([i]) for i in tok.encode("12345 + 678", add_special_tokens=False) if tok.decode([i]).isdigit()] == list("12345678")
+    pieces = [tok.decode([i]) for i in tok.encode("12345 + 678", add_special_tokens=False)]
+    assert [p for p in pieces if p.strip()][:5] == list("12345") and [p for p in pieces if p.isdigit()] == list("12345678")
 
 
 def test_chat_template_opens_a_think_block(tok):

@@ -6,8 +6,9 @@ verifying ("Let me verify: ..."), trying an alternative ("Alternatively, ..."),
 recapping at the end. Those habits start right after a blank line, which is what
 Speculative Thinking keys on (>80% of "wait" follow "\\n\\n"). A chain here is a
 list of steps joined by ``\\n\\n``; one operation of the problem spreads over
-several steps, so a solution is long (the large style averages ~17 steps and
-~370 tokens at the default difficulty) and most of it is reflective.
+several steps, so a solution is long (the large style averages ~18 steps and
+~415 tokens at the default difficulty, ~17 and ~370 in its greedy mode) and
+over 80% of its tokens are reflective.
 
 Two styles share one grammar:
 
@@ -40,7 +41,9 @@ __all__ = [
 ]
 
 #: step kinds that restate, hesitate, verify, try alternatives or recap (the rest compute or answer)
-REFLECTIVE = frozenset({"intro", "restate", "hold_on", "verify", "alternative", "double_check", "correction", "recap", "backwards"})
+REFLECTIVE = frozenset(
+    {"intro", "restate", "hold_on", "verify", "alternative", "double_check", "correction", "recap", "backwards"}
+)
 COLUMNS = ("ones", "tens", "hundreds", "thousands", "ten-thousands")
 EQUATION = re.compile(r"(\d+) ([+-]) (\d+) = (-?\d+)")
 NUMBER = re.compile(r"\d+")
@@ -228,7 +231,8 @@ def chain(problem: ArithProblem, rng: random.Random, style: ChainStyle = LARGE) 
             steps.append(ChainStep(careful(cur, op, b), True, kind="careful", hard=h))
         elif rng.random() < style.error[h] and (wrong := corrupt(rng, cur, op, b, problem)).rsplit(" ", 1)[1] != str(res):
             steps.append(ChainStep(wrong + ".", False, trainable=False, kind="wrong", hard=h))
-            steps.append(ChainStep(double_check(cur, op, b, int(wrong.rsplit(" ", 1)[1]), style.hesitation), True, kind="correction", hard=h))
+            fix = double_check(cur, op, b, int(wrong.rsplit(" ", 1)[1]), style.hesitation)
+            steps.append(ChainStep(fix, True, kind="correction", hard=h))
             corrected = True
         else:  # (a slip that lands on the right value is no error)
             steps.append(ChainStep(f"{cur} {op} {b} = {res}.", True, kind="op", hard=h))

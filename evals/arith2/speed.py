@@ -102,7 +102,8 @@ def main() -> None:
                 "estimate_minutes": round(spec.max_steps * train[name, n] / 60 + eval_min, 1),
             }
     for n in sorted({1, threads}):
-        report[f"total_estimate_minutes_{n}_threads"] = round(sum(report[m][f"{n}_threads"]["estimate_minutes"] for m in SPECS), 1)
+        total = sum(report[m][f"{n}_threads"]["estimate_minutes"] for m in SPECS)
+        report[f"total_estimate_minutes_{n}_threads"] = round(total, 1)
     report["setup"] = {"batch_size": args.batch_size, "decode_threads": 1, "load_average": os.getloadavg()}
     print(json.dumps(report, indent=1))
 

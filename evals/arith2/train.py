@@ -125,7 +125,8 @@ class ChainEncoder(ExampleEncoder):
                 masked.append((pos, end))
             pos = end
         body = enc["input_ids"] + [self.tok.eos_token_id]
-        labels = [-100 if any(a <= start < b for a, b in masked) else t for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+        labels = [-100 if any(a <= start < b for a, b in masked) else t
+                  for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
         prompt = self.prompt(problem)
         return prompt + body, [-100] * len(prompt) + labels + [self.tok.eos_token_id]
 
@@ -270,7 +271,7 @@ def cue_rate(tok: PreTrainedTokenizerFast, steps: list[str], n1: int = 20) -> fl
     return sum(classify(p, CUES) != "statement" for p in probes) / max(1, len(probes))
 
 
-def evaluate(model: LlamaForCausalLM, enc: ChainEncoder, problems: list[ArithProblem], judge_val: list[Candidate],
+def evaluate(model: LlamaForCausalLM, enc: ChainEncoder, problems: list[ArithProblem], judged: list[Candidate],
              max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Greedy accuracy, chain length (tokens, steps), cue rate; judge AUROC when the model judges."""
     texts = greedy_texts(model, enc.tok, [enc.prompt(p) for p in problems], max_new_tokens)
@@ -284,8 +285,8 @@ def evaluate(model: LlamaForCausalLM, enc: ChainEncoder, problems: list[ArithPro
         n_tokens += len(enc.enc(t))
     out = {"accuracy": correct / len(problems), "mean_tokens": n_tokens / len(problems), "mean_steps": len(steps) / len(problems),
            "cue_rate": cue_rate(enc.tok, steps)}
-    if judge_val:
-        out["judge_auroc"] = auroc(judge_scores(model, enc, judge_val), [c.ok for c in judge_val])
+    if judged:
+        out["judge_auroc"] = auroc(judge_scores(model, enc, judged), [c.ok for c in judged])
     return out
 
 
@@ -324,27 +325,29 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
     torch.manual_seed(seed)
     model = build_model(spec, tok).to(device)
     pool: list[Candidate] = []
-    judge_val: list[Candidate] = []
+    judged: dict[str, list[Candidate]] = {"val": [], "test": []}  # held-out steps to judge, from the first problems
     pool_kind = "none"
     if spec.judge_share > 0:
         small_dir = out / "small" if (out / "small" / "config.json").exists() else None
         pool_kind = "on-policy, from the trained small model" if small_dir else "synthetic SMALL-style chains (no small model yet)"
         prng = random.Random(f"arith2/judge-pool/{seed}")
         pool = judge_pool(small_dir, tok, ArithGenerator("train", "medium", seed=seed).take(pool_n), prng, max_new_tokens)
-        judge_val = judge_pool(small_dir, tok, ArithGenerator("val", "medium", seed=1).take(max(1, val_n // 2)), prng,
-                               max_new_tokens)[:300]
+        judged = {split: judge_pool(small_dir, tok, ArithGenerator(split, "medium", seed=0).take(max(1, n // 2)), prng,
+                                    max_new_tokens)[:400] for split, n in (("val", val_n), ("test", test_n))}
     val = ArithGenerator("val", "medium", seed=0).take(val_n)
     res = fit(model, spec, total, minutes, Batches(enc, spec, f"arith2/train/{name}/{seed}", batch_size, total, pool, device),
-              lambda m: evaluate(m, enc, val, judge_val, max_new_tokens), None, out / ".ckpt" / f"arith2-{name}.pt", out / f"train-{name}.jsonl",
+              lambda m: evaluate(m, enc, val, judged["val"], max_new_tokens), None, out / ".ckpt" / f"arith2-{name}.pt",
+              out / f"train-{name}.jsonl",
               eval_every, ckpt_every, f"train {name}", loss_fn=weighted_loss)
     print(f"{name}: stopped after {res.steps} steps ({res.stop_reason})")
-    test = evaluate(model, enc, ArithGenerator("test", "medium", seed=0).take(test_n), judge_val, max_new_tokens)
+    test = evaluate(model, enc, ArithGenerator("test", "medium", seed=0).take(test_n), judged["test"], max_new_tokens)
     dest = out / name
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False)
     model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
     info = {"steps": res.steps, "batch_size": batch_size, "train_minutes": (time.time() - res.t0) / 60,
-            "loss": res.loss or float("nan"), "device": f"{device.type.upper()} ({torch.get_num_threads()} threads)" if device.type == "cpu"
+            "loss": res.loss or float("nan"),
+            "device": f"CPU ({torch.get_num_threads()} threads)" if device.type == "cpu"
             else torch.cuda.get_device_name(device), "test_n": test_n, "test": test, "vocab": len(tok),
             "stop_reason": res.stop_reason, "judge_pool": pool_kind}
     write_card(dest, name, spec, sum(p.numel() for p in model.parameters()), info)
