@@ -291,14 +291,14 @@ def evaluate(model: LlamaForCausalLM, enc: ChainEncoder, problems: list[ArithPro
 
 
 def write_card(path: Path, name: str, spec: ModelSpec, n_params: int, info: dict) -> None:
-    role = {"small": "small, fast and error-prone; it hesitates where it errs", "mid": "mid-sized",
-            "large": "large, slow and mostly right; it also judges steps"}[name]
+    role = {"small": "A small, fast and error-prone reasoning model that hesitates where it errs",
+            "mid": "A mid-sized reasoning model", "large": "A large, slow and mostly right reasoning model and step judge"}[name]
     judge = ("no judging data" if spec.judge_share == 0 else
              f"judge rows ramp to {spec.judge_share:.0%} of rows and of the loss after {JUDGE_START:.0%} of training, "
-             f"on the small model's own steps ({info['judge_pool']}) with contrastive twins")
+             f"candidates: {info['judge_pool']}, each correct one with a contrastive wrong twin")
     card = f"""# arith2-{name}
 
-A {role} reasoning model of the reasonspec `arith` world (second generation), trained from scratch by
+{role}, of the reasonspec `arith` world (second generation), trained from scratch by
 `python -m evals.arith2.train` (seeded; the module docstring explains the data and the judge route).
 
 - architecture: Llama (LlamaForCausalLM), {spec.layers} layers, hidden {spec.hidden}, MLP {spec.ffn}, {spec.heads} heads,
@@ -310,7 +310,8 @@ A {role} reasoning model of the reasonspec `arith` world (second generation), tr
   AdamW lr {spec.lr} with warmup and cosine decay; stopped: {info['stop_reason']}
 - held-out (test split, {info['test_n']} problems, medium, greedy): accuracy {info['test']['accuracy']:.3f}, mean
   {info['test']['mean_tokens']:.0f} tokens and {info['test']['mean_steps']:.1f} steps, cue rate {info['test']['cue_rate']:.3f}
-  {f"judge AUROC {info['test']['judge_auroc']:.3f}" if 'judge_auroc' in info['test'] else ''}; final training loss {info['loss']:.4f}
+  {f"judge AUROC {info['test']['judge_auroc']:.3f} on test-split steps" if 'judge_auroc' in info['test'] else ''};
+  final training loss {info['loss']:.4f}
 """
     (path / "README.md").write_text(card)
 
@@ -329,7 +330,8 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
     pool_kind = "none"
     if spec.judge_share > 0:
         small_dir = out / "small" if (out / "small" / "config.json").exists() else None
-        pool_kind = "on-policy, from the trained small model" if small_dir else "synthetic SMALL-style chains (no small model yet)"
+        pool_kind = ("the trained small model's own steps (on-policy)" if small_dir
+                     else "synthetic SMALL-style chains (no small model was trained yet)")
         prng = random.Random(f"arith2/judge-pool/{seed}")
         pool = judge_pool(small_dir, tok, ArithGenerator("train", "medium", seed=seed).take(pool_n), prng, max_new_tokens)
         judged = {split: judge_pool(small_dir, tok, ArithGenerator(split, "medium", seed=0).take(max(1, n // 2)), prng,
