@@ -14,6 +14,12 @@ loop's thread, at the start and at the end of the chain, and the bytes a call
 would carry across a process boundary (pickled arguments and results, as Ray
 sends them).
 
+With ``--backend hf`` or ``--backend vllm`` the same policies run on the real
+backends instead, over a randomly initialised 2-layer Llama with that vocabulary
+(written once to a temporary folder), sampled at temperature 1 so it writes
+steps of ``--step-tokens`` tokens (its stop strings never fire on random text):
+model time is small, so the per-step costs of orchestrator and backends show.
+
 Reported per policy and concurrency: steps (accepted segments: a reasoning step
 for step-level policies, a draft round for token-level ones), tokens, the event
 loop's CPU ms per step over the run, and at concurrency 1 per step at the start
@@ -82,6 +88,24 @@ def tekken_folder() -> Path:
     tok.chat_template = CHAT_TEMPLATE
     tok.eos_token, tok.pad_token = "</s>", "<pad>"
     tok.save_pretrained(folder)
+    return folder
+
+
+def random_model_folder(tokenizer: Any) -> Path:
+    """A randomly initialised small Llama over ``tokenizer``'s vocabulary, saved with it (for the real backends)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(tempfile.gettempdir()) / "reasonspec-scale-model"
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=65536,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -279,22 +303,57 @@ class Run:
         return row
 
 
+class Metered:
+    """A real worker whose calls are metered like the replay workers' (bytes; in-flight time per chain)."""
+
+    def __init__(self, worker: Any, meter: Meter):
+        self.worker, self.meter = worker, meter
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.worker, name)
+        if name not in ("generate", "score", "next_token_logprobs"):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = await attr(*args, **kwargs)
+            self.meter.busy.setdefault(CHAIN.get(), []).append((start, time.perf_counter()))
+            with self.meter.own():
+                self.meter.count(args, out)
+            return out
+
+        return call
+
+
 async def run_policy(name: str, chain: str, tok: Any, folder: Path, concurrency: int, args: argparse.Namespace) -> Run:
+    real = args.backend != "replay"
+    policy = dict(POLICIES[name])
+    if real:  # random weights never write a stop string: steps end at their length limit
+        policy.update({"specreason": {"max_step_tokens": args.step_tokens, "judge": "likelihood", "threshold": 5},
+                       "spec-thinking": {"max_segment_tokens": args.step_tokens}}.get(name, {}))
+    model = {"path": str(folder), "backend": args.backend if real else "hf", "threads": 1}
     config = RunConfig.model_validate({
         "name": f"scale-{name}",
-        "models": {"small": {"path": str(folder)}, "large": {"path": str(folder)}},
-        "policy": POLICIES[name],
-        "sampling": {"temperature": 0.0, "max_tokens": args.max_tokens},
+        "models": {"small": model, "large": model},
+        "policy": policy,
+        "sampling": {"temperature": 1.0 if real else 0.0, "max_tokens": args.max_tokens},
         "prompt": {"instruction": "Solve it step by step."},
     })
     meter = Meter()
-    prompt_len = len(prompt_ids(tok, to_messages("problem", config.prompt.instruction)))
-    chain_ids = tok.encode(chain, add_special_tokens=False)
-    common = dict(meter=meter, per_call_s=args.per_call_ms / 1e3)
-    small = ReplayWorker(chain_ids, tok, prompt_len, per_token_s=args.small_ms / 1e3, deviate_every=50, **common)
-    large = ReplayWorker(chain_ids, tok, prompt_len, per_token_s=args.large_ms / 1e3, reject_every=10, **common)
-    orch = Orchestrator(config, workers={"small": small, "large": large})
-    await orch.start()
+    if real:
+        orch = Orchestrator(config)
+        await orch.start()
+        for h in orch.models.values():
+            h.worker = Metered(h.worker, meter)
+        small = large = None
+    else:
+        prompt_len = len(prompt_ids(tok, to_messages("problem", config.prompt.instruction)))
+        chain_ids = tok.encode(chain, add_special_tokens=False)
+        common = dict(meter=meter, per_call_s=args.per_call_ms / 1e3)
+        small = ReplayWorker(chain_ids, tok, prompt_len, per_token_s=args.small_ms / 1e3, deviate_every=50, **common)
+        large = ReplayWorker(chain_ids, tok, prompt_len, per_token_s=args.large_ms / 1e3, reject_every=10, **common)
+        orch = Orchestrator(config, workers={"small": small, "large": large})
+        await orch.start()
     run = Run(name, concurrency)
 
     walls: list[float] = []
@@ -328,8 +387,9 @@ async def run_policy(name: str, chain: str, tok: Any, folder: Path, concurrency:
     return run
 
 
-def print_table(rows: list[dict[str, Any]], console: Console) -> None:
-    t = Table(title="orchestrator CPU per step, long chain (replay workers, tekken 131k vocab)")
+def print_table(rows: list[dict[str, Any]], console: Console, backend: str = "replay") -> None:
+    workers = "replay workers" if backend == "replay" else f"{backend} backend, random-weight model"
+    t = Table(title=f"orchestrator CPU per step, long chain ({workers}, tekken 131k vocab)")
     for h in ("policy", "c", "steps", "tokens", "ms/step", "@start", "@end", "end/st", "overhead", "KiB/step"):
         t.add_column(h, justify="right" if h != "policy" else "left")
     num = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
@@ -344,6 +404,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     folder = tekken_folder()
     tok = AutoTokenizer.from_pretrained(folder)
     chain = synthetic_chain(args.steps, args.step_tokens, tok)
+    if args.backend != "replay":
+        folder = random_model_folder(tok)
     rows = []
     for c in args.concurrency:
         for name in args.policies:
@@ -361,10 +423,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small-ms", type=float, default=0.2, help="replay small model: ms per written token")
     ap.add_argument("--large-ms", type=float, default=1.0, help="replay large model: ms per written token")
     ap.add_argument("--per-call-ms", type=float, default=2.0, help="replay models: ms per call")
+    ap.add_argument("--backend", choices=["replay", "hf", "vllm"], default="replay",
+                    help="replay workers (the orchestrator alone) or a real backend on a random-weight model")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    if args.backend != "replay":
+        args.max_tokens = min(args.max_tokens, args.steps * args.step_tokens)
     rows = asyncio.run(main_async(args))
-    print_table(rows, Console(width=max(100, Console().width)))
+    print_table(rows, Console(width=max(100, Console().width)), args.backend)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 
