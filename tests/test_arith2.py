@@ -235,6 +235,7 @@ def test_training_smoke_run_writes_a_loadable_hf_folder_and_resumes(tmp_path: Pa
                 val_n=2, test_n=2, max_new_tokens=8)
     info = t2.train("small", tmp_path, **args)
     assert info["steps"] == 3 and (tmp_path / "train-small.jsonl").read_text().count("\n") == 1
+    assert {"accuracy", "mean_tokens", "mean_steps", "cue_rate", "cue_after_wrong", "cue_after_correct"} <= set(info["test"])
     folder = tmp_path / "small"
     model = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)

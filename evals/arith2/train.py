@@ -273,18 +273,28 @@ def cue_rate(tok: PreTrainedTokenizerFast, steps: list[str], n1: int = 20) -> fl
 
 def evaluate(model: LlamaForCausalLM, enc: ChainEncoder, problems: list[ArithProblem], judged: list[Candidate],
              max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
-    """Greedy accuracy, chain length (tokens, steps), cue rate; judge AUROC when the model judges."""
+    """Greedy accuracy, chain length (tokens, steps), cue rates; judge AUROC when the model judges.
+
+    ``cue_after_wrong`` / ``cue_after_correct``: how often the step after a wrong / a correct step (exact
+    labels, up to a solution's first error) opens with a Speculative Thinking cue, the issue's target for the
+    small model (more often after its wrong steps).
+    """
     texts = greedy_texts(model, enc.tok, [enc.prompt(p) for p in problems], max_new_tokens)
-    correct = 0
+    correct = n_tokens = 0
     steps: list[str] = []
-    n_tokens = 0
+    after: dict[bool, list[str]] = {True: [], False: []}
     for p, t in zip(problems, texts):
         m = BOXED.findall(t)
         correct += bool(m) and int(m[-1]) == p.answer
-        steps += t.split(STEP_SEP)
+        written = t.split(STEP_SEP)
+        steps += written
         n_tokens += len(enc.enc(t))
+        for k, ok in enumerate(label_steps(p, written)[: len(written) - 1]):
+            after[ok].append(written[k + 1])
     out = {"accuracy": correct / len(problems), "mean_tokens": n_tokens / len(problems), "mean_steps": len(steps) / len(problems),
-           "cue_rate": cue_rate(enc.tok, steps)}
+           "cue_rate": cue_rate(enc.tok, steps), "cue_after_wrong": cue_rate(enc.tok, after[False]),
+           "cue_after_correct": cue_rate(enc.tok, after[True]), "wrong_steps": len(after[False]),
+           "correct_steps": len(after[True])}
     if judged:
         out["judge_auroc"] = auroc(judge_scores(model, enc, judged), [c.ok for c in judged])
     return out
