@@ -33,6 +33,12 @@ def _quiet_logs() -> None:
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="config name (arith/specreason) or YAML path")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="dotted override, e.g. models.large.backend=vllm")]
+# the options eval and sweep share (None: the config's eval section decides)
+DatasetOpt = Annotated[Optional[str], typer.Option(help="arith | math500 | aime24 | aime25 | jsonl")]
+DatasetPathOpt = Annotated[Optional[Path], typer.Option(help="local JSONL file")]
+LimitOpt = Annotated[Optional[int], typer.Option(min=1)]
+ConcurrencyOpt = Annotated[Optional[int], typer.Option(min=1)]
+SamplesOpt = Annotated[Optional[int], typer.Option(min=1, help="seeded samples per problem (pass@1 over k)")]
 
 
 #: Exit codes: 2 for a mistake in what was asked (config, dataset, model path, an eval folder holding
@@ -103,11 +109,11 @@ def run(
 @app.command("eval")
 def eval_cmd(
     config: ConfigOpt,
-    dataset: Annotated[Optional[str], typer.Option(help="arith | math500 | aime24 | aime25 | jsonl")] = None,
-    dataset_path: Annotated[Optional[Path], typer.Option(help="local JSONL file")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1)] = None,
-    concurrency: Annotated[Optional[int], typer.Option(min=1)] = None,
-    samples: Annotated[Optional[int], typer.Option(min=1, help="seeded samples per problem (pass@1 over k)")] = None,
+    dataset: DatasetOpt = None,
+    dataset_path: DatasetPathOpt = None,
+    limit: LimitOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    samples: SamplesOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="result folder (default runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option(help="skip problems already in OUT/results.jsonl")] = False,
     overwrite: Annotated[bool, typer.Option(help="start OUT afresh if it has results")] = False,
@@ -194,11 +200,11 @@ def sweep(
     config: ConfigOpt,
     grid: Annotated[list[str], typer.Option("--grid", help="key=v1,v2,... (repeat for a cartesian product), e.g. "
                                                            "policy.threshold=3,5,7,9")],
-    dataset: Annotated[Optional[str], typer.Option(help="arith | math500 | aime24 | aime25 | jsonl")] = None,
-    dataset_path: Annotated[Optional[Path], typer.Option(help="local JSONL file")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1)] = None,
-    concurrency: Annotated[Optional[int], typer.Option(min=1)] = None,
-    samples: Annotated[Optional[int], typer.Option(min=1, help="seeded samples per problem (pass@1 over k)")] = None,
+    dataset: DatasetOpt = None,
+    dataset_path: DatasetPathOpt = None,
+    limit: LimitOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    samples: SamplesOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="sweep folder (default runs/sweep-<config name>)")] = None,
     baselines: Annotated[bool, typer.Option(help="run LargeOnly and SmallOnly of the same models")] = True,
     resume: Annotated[bool, typer.Option(help="finish an interrupted sweep (or add grid points)")] = False,
