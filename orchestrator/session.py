@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -163,6 +164,14 @@ class Session:
         """Prompt + reasoning in ``role``'s tokens (a copy: the log itself changes only through ``accept``)."""
         return list(self._logs[role].ids)
 
+    def log(self, role: Role) -> Sequence[int]:
+        """``role``'s token log itself, not a copy: read it, pass it to a call, never change it.
+
+        It grows when the session accepts something, so read it again after that.
+        Token-level policies pass it to every round's calls without copying 32k ids.
+        """
+        return self._logs[role].ids
+
     def view(self, role: Role, *pieces: Piece) -> list[int]:
         """What ``role`` would see with ``pieces`` accepted (a judge's context, a look-ahead draft's prompt)."""
         return self._logs[role].view(*pieces)
@@ -192,7 +201,7 @@ class Session:
         seed = None if self.params.greedy else (self.seed * 1_000_003 + self._calls) % (2**31)
         return self.params.model_copy(update={"seed": seed, **overrides})
 
-    async def generate(self, role: Role, ids: list[int] | None = None, **overrides: Any) -> Generation:
+    async def generate(self, role: Role, ids: Sequence[int] | None = None, **overrides: Any) -> Generation:
         """Continue the reasoning (or the given ids) with ``role``; metered.
 
         ``max_tokens`` is capped by the budget and by the room left in the model's context;

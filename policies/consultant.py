@@ -20,6 +20,7 @@ the EMA-smoothed variant. The default here is 0, the plain rule
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -41,7 +42,7 @@ class ConsultantDecoding(DraftVerifyPolicy):
     name = "consultant"
     params: ConsultantParams
 
-    async def verify(self, session: Session, ids: list[int], draft: Generation) -> tuple[int, int | None]:
+    async def verify(self, session: Session, ids: Sequence[int], draft: Generation) -> tuple[int, int | None]:
         p = self.params
         s = await session.score("large", ids, draft.token_ids, sample=session.gen_params())
         r = None

@@ -12,6 +12,7 @@ equals LargeOnly's token for token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -47,7 +48,7 @@ class SpeculativeDecoding(DraftVerifyPolicy):
     name = "speculative"
     params: SpeculativeParams
 
-    async def verify(self, session: Session, ids: list[int], draft: Generation) -> tuple[int, int | None]:
+    async def verify(self, session: Session, ids: Sequence[int], draft: Generation) -> tuple[int, int | None]:
         tokens = draft.token_ids
         ended = draft.finish_reason == "eos"
         sp = session.params

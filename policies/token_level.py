@@ -8,6 +8,7 @@ vocabulary, checked at start-up.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pydantic import Field
@@ -28,7 +29,7 @@ class DraftVerifyPolicy(Policy):
     shared_vocab = True
     params: DraftVerifyParams
 
-    async def verify(self, session: Session, ids: list[int], draft: Generation) -> tuple[int, int | None]:
+    async def verify(self, session: Session, ids: Sequence[int], draft: Generation) -> tuple[int, int | None]:
         """(number of draft tokens kept, the large model's next token or None).
 
         The next token replaces the first rejected draft token, or follows a fully
@@ -38,7 +39,7 @@ class DraftVerifyPolicy(Policy):
 
     async def run(self, session: Session) -> None:
         while not session.finished and not session.out_of_budget:
-            ids = session.ids("large")  # one shared vocabulary: the small model drafts on the same ids
+            ids = session.log("large")  # one shared vocabulary: the small model drafts on the same ids
             draft = await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left))
             n_keep, nxt = await self.verify(session, ids, draft)
             kept = draft.token_ids[:n_keep]
