@@ -131,9 +131,10 @@ class TableWorker(_Base):
 
 
 def make_session(small, large, *, max_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
-                 prompt: list[int] | None = None) -> Session:
+                 prompt: list[int] | None = None, vocabs: tuple[str, str] = ("chars", "chars")) -> Session:
+    """``vocabs``: the models' vocabulary fingerprints; different ones make the session exchange text, not ids."""
     tok = CharTokenizer()
-    models = {r: ModelHandle(r, w, tok, EOS, "chars") for r, w in (("small", small), ("large", large))}
+    models = {r: ModelHandle(r, w, tok, EOS, v) for r, w, v in (("small", small, vocabs[0]), ("large", large, vocabs[1]))}
     prompt = prompt if prompt is not None else [1]
     return Session(problem="p", models=models, prompt_ids={"small": list(prompt), "large": list(prompt)},
                    params=GenParams(temperature=temperature, max_tokens=max_tokens), max_tokens=max_tokens, seed=seed)

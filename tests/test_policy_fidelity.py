@@ -99,6 +99,20 @@ async def test_specreason_pipeline_on_equals_off_under_greedy():
         assert out[0] == out[1]
 
 
+async def test_step_policies_write_the_same_text_across_vocabularies():
+    """Models with different vocabularies exchange steps as text (re-encoded at the boundary), ids otherwise."""
+    rng = random.Random(1)
+    for _ in range(40):
+        small, large = _random_pair(rng)
+        budget = rng.randint(5, 120)
+        for params in (SpecReasonParams(max_step_tokens=8), SpecThinkingParams(n1=3, n2=2, neg_threshold=2)):
+            out = []
+            for vocabs in (("chars", "chars"), ("chars", "other chars")):
+                r = await run(params, small(), large(), max_tokens=budget, vocabs=vocabs)
+                out.append((r.text, [(g.author, g.accepted, g.tokens) for g in r.segments]))
+            assert out[0] == out[1]
+
+
 # ------------------------------------------------------------------ 3. the greedy judge reads the argmax
 
 
