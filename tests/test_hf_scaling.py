@@ -1,8 +1,11 @@
-"""The hf backend computes logits only for the positions a request reads (issue 15, item 3)."""
+"""The hf backend at scale: logits only where read, a KV cache that grows in place, speculation inside it."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import pytest
 
 from workers.protocol import GenParams
 
@@ -28,3 +31,53 @@ async def test_logits_only_for_the_positions_a_request_reads(engines: Any) -> No
         assert seen == [101]  # the continuation and the position after it
     finally:
         worker.model.forward = forward
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+async def test_speculation_inside_the_hf_worker_keeps_greedy_output(engines: Any, method: str) -> None:
+    """Draft-model and n-gram proposals verified inside batched decode rounds: same greedy text, fewer passes."""
+    from orchestrator.config import SpeculativeConfig
+    from orchestrator.prompting import prompt_ids, to_messages
+    from tests.conftest import arith_model
+    from workers.hf_backend import HFWorker
+
+    plain = engines("hf", "large")
+    spec = SpeculativeConfig(method=method, num_speculative_tokens=4,
+                             model=arith_model("small") if method == "draft" else None)
+    fast = HFWorker(arith_model("large"), speculative=spec)
+    try:
+        problems = ["53 + 51 - 6 + 20", "12 + 7 - 3", "40 - 12 + 5 + 9", "81 - 27 + 14"]
+        prompts = [prompt_ids(plain.tokenizer, to_messages(p)) for p in problems]
+        params = GenParams(max_tokens=120)
+        want = await asyncio.gather(*(plain.generate(p, params) for p in prompts))
+        got = await asyncio.gather(*(fast.generate(p, params) for p in prompts))  # batched together
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        stats = await fast.stats()
+        assert stats.spec_proposed_tokens > 0
+        if method == "draft":
+            assert stats.spec_accepted_tokens > 0.5 * stats.spec_proposed_tokens
+            assert sum(g.forward_passes for g in got) < sum(w.forward_passes for w in want)
+    finally:
+        await fast.close()
+
+
+def test_growing_cache_layer_appends_in_place_and_never_writes_into_cached_kv() -> None:
+    import torch
+
+    from workers.hf_backend import GrowingLayer, growing_cache
+
+    cached = [(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))]
+    before = cached[0][0].clone()
+    cache = growing_cache(cached)
+    layer = cache.layers[0]
+    assert isinstance(layer, GrowingLayer)
+    keys = [cached[0][0]]
+    buffers = set()
+    for _ in range(GrowingLayer.HEADROOM + 10):  # past the first buffer's room: it grows once
+        new = torch.randn(1, 2, 1, 4)
+        k, _ = layer.update(new, new)
+        keys.append(new)
+        buffers.add(layer._k.data_ptr())
+    assert torch.equal(k, torch.cat(keys, dim=-2))  # what concatenation would give
+    assert len(buffers) == 2 and layer.get_seq_length() == 5 + GrowingLayer.HEADROOM + 10
+    assert torch.equal(cached[0][0], before)  # the cached entry it started from is untouched

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.prefix_cache import KV, PrefixCache
 from workers.sampling import sampling_probs
@@ -46,16 +46,60 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def stack_kv(kvs: list[KV | None], width: int) -> DynamicCache:
+class GrowingLayer(DynamicLayer):
+    """A cache layer that writes new positions into spare room instead of concatenating.
+
+    ``DynamicLayer`` concatenates on every update, copying the whole cache for each
+    decoded token (O(context) per token). This layer keeps a buffer with
+    ``HEADROOM`` spare positions, doubling it when full, and exposes the filled part
+    as a view, so a decode step costs O(new positions). It always starts from its own
+    buffer: cached KV handed to it is copied once (a prefix-cache entry may be
+    shared by several requests and must never be written into).
+    """
+
+    HEADROOM = 256
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._n = 0
+        n, add = self._n, key_states.shape[-2]
+        if self._k is None or n + add > self._k.shape[-2]:
+            room = max(n + add + self.HEADROOM, 2 * n)
+            k = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
+            v = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
+            if n:
+                k[..., :n, :], v[..., :n, :] = self._k[..., :n, :], self._v[..., :n, :]
+            self._k, self._v = k, v
+        self._k[..., n : n + add, :] = key_states
+        self._v[..., n : n + add, :] = value_states
+        self._n = n + add
+        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+        return self.keys, self.values
+
+
+def growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Cache:
+    """A cache of ``GrowingLayer``s, filled with ``layers`` (copied) when given."""
+    if layers is None:
+        return Cache(layer_class_to_replicate=GrowingLayer)
+    cache = Cache(layers=[GrowingLayer() for _ in layers])
+    for layer, (k, v) in zip(cache.layers, layers):
+        layer.update(k, v)
+    return cache
+
+
+def stack_kv(kvs: list[KV | None], width: int) -> Cache:
     """Rows' caches left-padded to ``width`` in one batched cache (empty when nothing is cached).
 
-    Each row is copied once into a preallocated tensor; a single full-width row is used as is.
+    Each row is copied once, into the batched cache's own buffer.
     """
     ref = next((kv for kv in kvs if kv is not None), None)
     if ref is None or width == 0:
-        return DynamicCache()
+        return growing_cache()
     if len(kvs) == 1 and kvs[0][0][0].shape[2] == width:
-        return DynamicCache(ddp_cache_data=kvs[0])
+        return growing_cache(kvs[0])
     layers = []
     for layer, (k0, _) in enumerate(ref):
         keys = k0.new_zeros((len(kvs), k0.shape[1], width, k0.shape[3]))
@@ -66,10 +110,10 @@ def stack_kv(kvs: list[KV | None], width: int) -> DynamicCache:
                 keys[i, :, width - k.shape[2] :] = k[0]
                 values[i, :, width - v.shape[2] :] = v[0]
         layers.append((keys, values))
-    return DynamicCache(ddp_cache_data=layers)
+    return growing_cache(layers)
 
 
-def unstack_kv(cache: DynamicCache, mask: torch.Tensor) -> list[KV]:
+def unstack_kv(cache: Cache, mask: torch.Tensor) -> list[KV]:
     """Each row's own cache out of a batched one: the positions its mask keeps (padding and holes dropped)."""
     layers = cache.layers
     if mask.shape[0] == 1 and bool(mask.all()):
@@ -475,7 +519,7 @@ class HFWorker:
         return min(hits, key=tail.find) if hits else None
 
     @staticmethod
-    def _stack(active: list[_Request]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def _stack(active: list[_Request]) -> tuple[Cache, torch.Tensor, torch.Tensor]:
         """One batched cache for a round, its padding mask and each row's length."""
         pasts = [r.kv[0][0].shape[2] for r in active]
         P = max(pasts)
