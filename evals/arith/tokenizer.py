@@ -25,25 +25,34 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 640) -> PreTrainedTokenizerFast:
+def train_byte_bpe(corpus: Iterable[str], split: str, special: list[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on ``corpus``; ``split`` is the pre-tokenizer's regex (its matches isolated).
+
+    Shared by both arith worlds, which differ in that regex, their special tokens
+    and chat template; the ``<think>`` tags are added after training.
+    """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r"\d|\n\n"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_tokens(THINK)
+    return tok
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 640) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=train_byte_bpe(corpus, r"\d|\n\n", SPECIAL, vocab_size),
         pad_token="<|pad|>",
         eos_token="<|end|>",
         additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
