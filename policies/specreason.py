@@ -88,8 +88,8 @@ class SpecReason(Policy):
         if self.params.judge == "prompt":  # fail at start-up if the template cannot frame a judge request
             self._suffix(models["large"])
 
-    def _suffix(self, large: ModelHandle) -> list[int]:
-        return list(judge_suffix_ids(large.tokenizer, self.params.judge_instruction, self.params.judge_prefill))
+    def _suffix(self, large: ModelHandle) -> tuple[int, ...]:
+        return judge_suffix_ids(large.tokenizer, self.params.judge_instruction, self.params.judge_prefill)
 
     async def judge(self, session: Session, g: Generation) -> float:
         """Score the small model's step ``g`` (0-9) as the next step of the reasoning."""
@@ -100,7 +100,8 @@ class SpecReason(Policy):
                 return 9.0
             s = await session.score("large", prefix, cont)
             return 9.0 * math.exp(sum(s.logprobs) / len(s.logprobs))
-        ids = session.view("large", session.piece("small", g, then=p.delimiter)) + self._suffix(session.models["large"])
+        ids = session.view("large", session.piece("small", g, then=p.delimiter))  # a fresh list: extend it in place
+        ids.extend(self._suffix(session.models["large"]))
         read = await session.next_token_logprobs("large", ids, [], top_k=JUDGE_TOP_K)
         return read_score(read.top, session.models["large"].decode, p.score_method)
 
