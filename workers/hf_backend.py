@@ -184,6 +184,7 @@ class HFWorker:
         round_steps: int = 16,
         speculative: Any = None,
         threads: int | None = None,
+        model: Any = None,
     ):
         path = Path(model_path)
         if not path.exists() and (model_path.startswith((".", "/")) or model_path.count("/") != 1):
@@ -194,7 +195,10 @@ class HFWorker:
         torch_dtype = _DTYPES.get(dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
+        # ``model``: one built in memory from another worker's weights (a quantized copy, a self-draft),
+        # served under ``model_path``'s tokenizer without loading the folder's weights again
+        self.model = model if model is not None else (
+            AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval())
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids()
         self.context_length: int = getattr(self.model.config, "max_position_embeddings", 2048)
