@@ -306,6 +306,9 @@ def write_card(path: Path, name: str, spec: ModelSpec, n_params: int, info: dict
     judge = ("no judging data" if spec.judge_share == 0 else
              f"judge rows ramp to {spec.judge_share:.0%} of rows and of the loss after {JUDGE_START:.0%} of training, "
              f"candidates: {info['judge_pool']}, each correct one with a contrastive wrong twin")
+    test = info["test"]
+    judged = (f"; prompt-judge AUROC {test['judge_auroc']:.3f} on test-split steps written by the small model"
+              if "judge_auroc" in test else "")
     card = f"""# arith2-{name}
 
 {role}, of the reasonspec `arith` world (second generation), trained from scratch by
@@ -318,9 +321,9 @@ def write_card(path: Path, name: str, spec: ModelSpec, n_params: int, info: dict
   {judge}
 - budget: {info['steps']} steps of batch {info['batch_size']} in {info['train_minutes']:.1f} minutes on {info['device']},
   AdamW lr {spec.lr} with warmup and cosine decay; stopped: {info['stop_reason']}
-- held-out (test split, {info['test_n']} problems, medium, greedy): accuracy {info['test']['accuracy']:.3f}, mean
-  {info['test']['mean_tokens']:.0f} tokens and {info['test']['mean_steps']:.1f} steps, cue rate {info['test']['cue_rate']:.3f}
-  {f"judge AUROC {info['test']['judge_auroc']:.3f} on test-split steps" if 'judge_auroc' in info['test'] else ''};
+- held-out (test split, {info['test_n']} problems, medium, greedy): accuracy {test['accuracy']:.3f}, mean
+  {test['mean_tokens']:.0f} tokens and {test['mean_steps']:.1f} steps; Speculative Thinking cue rate {test['cue_rate']:.3f}
+  of steps, {test['cue_after_wrong']:.3f} after a wrong step and {test['cue_after_correct']:.3f} after a correct one{judged};
   final training loss {info['loss']:.4f}
 """
     (path / "README.md").write_text(card)
@@ -385,7 +388,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads: 2 train ~1.5x faster on idle cores, 5x slower when other processes use them")
+    ap.add_argument("--cards", action="store_true", help="only rewrite the model cards from each training.json")
     args = ap.parse_args()
+    if args.cards:
+        for name in args.models:
+            rec = json.loads((args.out / name / "training.json").read_text())
+            model = AutoModelForCausalLM.from_pretrained(args.out / name)
+            write_card(args.out / name, name, SPECS[name], sum(p.numel() for p in model.parameters()), rec)
+        return
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
