@@ -254,6 +254,61 @@ def report(dirs: Annotated[list[Path], typer.Argument(help="eval result folders"
 
 
 @app.command()
+def distill(
+    student: Annotated[str, typer.Option(help="the draft's model folder (the starting point)")],
+    teacher: Annotated[str, typer.Option(help="the target's model folder")],
+    out: Annotated[Path, typer.Option(help="output folder: distilled model, model card, checkpoint")],
+    divergence: Annotated[Optional[str], typer.Option(help="fkl | rkl | tvd | jsd (default fkl)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="onpolicy (the draft's samples, default) | fixed (the "
+                                                     "teacher's greedy outputs)")] = None,
+    reference: Annotated[Optional[str], typer.Option(help="AdaSPEC: a reference model folder (a draft-sized model "
+                                                          "distilled with fkl first); enables token filtering")] = None,
+    keep_fraction: Annotated[Optional[float], typer.Option(help="AdaSPEC: fraction of tokens kept (default 0.4)")] = None,
+    dataset: DatasetOpt = None,
+    dataset_path: DatasetPathOpt = None,
+    split: Annotated[Optional[str], typer.Option(help="training split (arith: train)")] = None,
+    problems: Annotated[Optional[int], typer.Option(help="training prompts (default 256)")] = None,
+    heldout: Annotated[Optional[int], typer.Option(help="held-out prompts measured before and after (default 16)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="gradient steps (default 300)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="prompts per step (default 8)")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate (default 3e-4)")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="warmup steps (default 10)")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="generated continuation length (default 256)")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="on-policy sampling temperature (default 1)")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="steps between checkpoints (default 50)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the checkpoint in OUT")] = False,
+    overwrite: Annotated[bool, typer.Option(help="start OUT afresh")] = False,
+) -> None:
+    """Fine-tune a draft toward its target (DistillSpec divergences, on-policy or fixed data, AdaSPEC filtering).
+
+    Writes a Hugging Face model folder with a model card (README.md) and distill.json; see evals/distill.py.
+    """
+    given = {k: v for k, v in locals().items() if k not in ("resume", "overwrite") and v is not None}  # options only
+    from pydantic import ValidationError
+
+    from evals.distill import DistillError, DistillSettings, run_distill
+
+    given["out"] = str(out)
+    if dataset_path is not None:
+        given["dataset_path"] = str(dataset_path)
+    try:
+        settings = DistillSettings(**given)
+    except ValidationError as e:
+        _fail("distill error", "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+    with _user_errors():
+        try:
+            summary = run_distill(settings, resume=resume, overwrite=overwrite)
+        except DistillError as e:
+            _fail("distill error", e)
+    before, after = summary["heldout_before"], summary["heldout_after"]
+    console.print(f"held out: {settings.divergence} {before[settings.divergence]} -> {after[settings.divergence]}, "
+                  f"greedy agreement {before['agreement']} -> {after['agreement']}; model in {out}")
+
+
+@app.command()
 def serve(
     config: ConfigOpt = "arith/specreason",
     host: str = "127.0.0.1",
