@@ -109,6 +109,23 @@ class RayConfig(Strict):
     namespace: str = "reasonspec"
 
 
+class OnlineConfig(Strict):
+    """Online draft adaptation (Online Speculative Decoding) for token-level policies: ``orchestrator.online``."""
+
+    enabled: bool = False
+    interval: int = Field(8, ge=1, description="requests with draft misses buffered per update (OSD: 8)")
+    steps: int = Field(1, ge=1, description="gradient steps per update (OSD: 1)")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (OSD: 1e-4, constant)")
+    teacher_top_k: int = Field(20, ge=0, description="the large model's top-k distribution at each miss; 0: its token")
+    holdout_every: int = Field(4, ge=2, description="every n-th request is held out to gate the new draft on")
+    holdout_requests: int = Field(16, ge=1, description="held-out requests kept (the most recent)")
+    buffer_requests: int = Field(64, ge=1, description="buffered requests kept while an update runs")
+    tolerance: float = Field(0.0, ge=0, le=1, description="how far acceptance may fall and the new draft is kept")
+    live_window: int = Field(2000, ge=0, description="drafted tokens after a swap before its live acceptance is "
+                                                     "compared with the previous draft's (0: no live check)")
+    threads: int | None = Field(None, ge=1, description="CPU threads of the background training")
+
+
 class RunConfig(Strict):
     name: str = "run"
     models: dict[str, ModelConfig]
@@ -117,6 +134,7 @@ class RunConfig(Strict):
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
 
     @field_validator("models")
     @classmethod

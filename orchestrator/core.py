@@ -40,6 +40,7 @@ class Orchestrator:
         self._given = workers
         self._start_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.adapter: Any = None  # an OnlineAdapter when config.online.enabled (orchestrator.online)
 
     @classmethod
     def from_config(cls, name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Orchestrator:
@@ -78,6 +79,10 @@ class Orchestrator:
                                            info.context_length)
             try:
                 self.policy.check(models)
+                if self.config.online.enabled:  # refuses a policy or a draft worker it cannot adapt
+                    from orchestrator.online import OnlineAdapter
+
+                    self.adapter = OnlineAdapter(self.config.online, models, self.policy)
             except BaseException:
                 if self._given is None:
                     for h in models.values():
@@ -86,6 +91,8 @@ class Orchestrator:
             self.models = models
 
     async def aclose(self) -> None:
+        if self.adapter is not None:
+            await self.adapter.aclose()
         models, self.models = self.models, {}
         if self._given is None:  # together: each close is bounded, shutdown waits for the slowest only
             await asyncio.gather(*(h.worker.close() for h in models.values()))
@@ -122,10 +129,13 @@ class Orchestrator:
 
     async def _run_policy(self, session: Session) -> None:
         """The policy over ``session``; a chain that filled a model's context ends with "length"."""
+        version = self.adapter.version if self.adapter is not None else 0
         try:
             await self.policy.run(session)
         except ContextFull:
             session.finish("length")
+        if self.adapter is not None:  # online adaptation learns from the finished request's draft misses
+            self.adapter.observe(session, version)
 
     def _session(self, problem: str | Messages, id: str | None, seed: int | None,
                  max_tokens: int | None, events: asyncio.Queue | None) -> Session:

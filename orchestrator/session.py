@@ -135,6 +135,9 @@ class Session:
     metrics: Metrics = field(default_factory=Metrics)
     finished: bool = False
     events: asyncio.Queue | None = None
+    #: Positions in the large model's log of tokens that replaced a rejected draft token (token-level
+    #: policies): online adaptation trains the draft there (``orchestrator.online``).
+    draft_misses: list[int] = field(default_factory=list)
     _calls: int = 0
     _rng: torch.Generator | None = None
     _t0: float = field(default_factory=time.perf_counter)
@@ -269,12 +272,16 @@ class Session:
             log.append(Piece(text))
         self._record(author, text, 0, kind, None, note)
 
-    def accept_tokens(self, author: Role, tokens: list[int], *, scored: bool = False) -> None:
+    def accept_tokens(self, author: Role, tokens: list[int], *, scored: bool = False,
+                      replaces_draft: bool = False) -> None:
         """Token-level policies (one shared vocabulary): append ids to every log; EOS among them ends the request.
 
         ``scored``: the ids came out of a scoring pass, not a generate call, so they
-        are counted here as written by ``author``.
+        are counted here as written by ``author``. ``replaces_draft``: the first of them
+        replaces a draft token the policy rejected; its position joins ``draft_misses``.
         """
+        if replaces_draft:
+            self.draft_misses.append(len(self._logs["large" if "large" in self._logs else next(iter(self._logs))].ids))
         for log in self._logs.values():
             log.ids.extend(tokens)
         if self._detok is None:

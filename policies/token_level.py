@@ -48,4 +48,5 @@ class DraftVerifyPolicy(Policy):
                 session.accept_tokens("small", kept)
             if nxt is not None and not session.finished and not session.out_of_budget:  # never past the budget
                 session.tally(handoffs=int(n_keep < len(draft.token_ids)))
-                session.accept_tokens("large", [nxt], scored=True)  # written through a scoring pass
+                session.accept_tokens("large", [nxt], scored=True,  # written through a scoring pass
+                                      replaces_draft=n_keep < len(draft.token_ids))

@@ -127,7 +127,7 @@ def unstack_kv(cache: Cache, mask: torch.Tensor) -> list[KV]:
 
 @dataclass(eq=False)
 class _Request:
-    kind: Literal["generate", "score", "next"]
+    kind: Literal["generate", "score", "next", "swap"]
     ids: list[int]
     future: asyncio.Future | None
     loop: asyncio.AbstractEventLoop | None
@@ -139,6 +139,7 @@ class _Request:
     full_next: bool = False
     sample: GenParams | None = None
     candidates: list[int] = field(default_factory=list)
+    payload: Any = None  # a swap's new model
     # runtime state
     kv: KV | None = None
     cached: int = 0
@@ -282,6 +283,21 @@ class HFWorker:
     async def stats(self) -> WorkerStats:
         return self._stats.model_copy()
 
+    async def swap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Serve with ``model`` (same architecture and vocabulary) from now on; returns the model it replaces.
+
+        Atomic between engine rounds: requests already admitted finish on the old
+        weights, nothing new is admitted while the swap waits for them, and the prefix
+        cache (KV computed by the old weights) is dropped with the old model, so no
+        request ever mixes the two. Online draft adaptation swaps its distilled draft
+        in this way (``orchestrator.online``).
+        """
+        if model.config.vocab_size != self.model.config.vocab_size:
+            raise WorkerError(f"swap_model: vocabulary {model.config.vocab_size} differs from the served model's "
+                              f"{self.model.config.vocab_size}")
+        model = model.to(self.device).eval()
+        return await self._submit(_Request("swap", [], *self._future(), payload=model))
+
     async def close(self) -> None:
         """Stop the engine and fail what is pending, within about ``CLOSE_TIMEOUT_S`` whatever it is doing.
 
@@ -338,15 +354,19 @@ class HFWorker:
     def _serve(self) -> None:
         """The engine loop: batches of arrivals prefilled, then decode rounds, until the worker is closed."""
         active: list[_Request] = []
+        swaps: list[_Request] = []  # waiting for the active rows to finish on the old weights
         with torch.inference_mode():
             while not self._closed:
+                if swaps and not active:
+                    self._apply_swaps(swaps)
+                    swaps = []
                 incoming: list[_Request] = []
                 if not active:
                     item = self._queue.get()  # blocks: no busy loop when idle
                     if item is None:
                         return
                     incoming.append(item)
-                while len(incoming) + len(active) < self.max_batch_size:
+                while not swaps and len(incoming) + len(active) < self.max_batch_size:
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
@@ -356,6 +376,9 @@ class HFWorker:
                         return
                     incoming.append(item)
                 incoming = [r for r in incoming if not r.cancelled]
+                if any(r.kind == "swap" for r in incoming):
+                    swaps += [r for r in incoming if r.kind == "swap"]
+                    incoming = [r for r in incoming if r.kind != "swap"]
                 t0 = time.perf_counter()
                 if incoming:
                     try:
@@ -371,6 +394,13 @@ class HFWorker:
                         active = []
                 self._stats.busy_s += time.perf_counter() - t0
         self._fail(active, WorkerError("worker closed"))
+
+    def _apply_swaps(self, swaps: list[_Request]) -> None:
+        """Install each swap's model in turn (no request is active), answering each with the model it replaced."""
+        for r in swaps:
+            old, self.model = self.model, r.payload
+            self.cache.clear()
+            r.resolve(old)
 
     @staticmethod
     def _fail(reqs: list[_Request], error: BaseException) -> None:
