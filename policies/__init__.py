@@ -8,9 +8,13 @@ from pydantic import Field
 
 from policies.base import Policy, PolicyParams
 from policies.baselines import LargeOnly, LargeOnlyParams, SmallOnly, SmallOnlyParams
+from policies.bild import BiLD, BiLDParams
 from policies.consultant import ConsultantDecoding, ConsultantParams
+from policies.easd import EASDParams, EntropyAwareSD
+from policies.reflective import ReflectiveParams, ReflectiveVerification
 from policies.spec_thinking import SpecThinkingParams, SpeculativeThinking
 from policies.specreason import SpecReason, SpecReasonParams
+from policies.spec_verification import SpeculativeVerification, SpecVerificationParams
 from policies.speculative import SpeculativeDecoding, SpeculativeParams
 
 POLICIES: dict[str, type[Policy]] = {
@@ -20,10 +24,15 @@ POLICIES: dict[str, type[Policy]] = {
     "spec-thinking": SpeculativeThinking,
     "consultant": ConsultantDecoding,
     "speculative": SpeculativeDecoding,
+    "bild": BiLD,
+    "easd": EntropyAwareSD,
+    "spec-verification": SpeculativeVerification,
+    "reflective": ReflectiveVerification,
 }
 
 PolicyConfig = Annotated[
-    Union[LargeOnlyParams, SmallOnlyParams, SpecReasonParams, SpecThinkingParams, ConsultantParams, SpeculativeParams],
+    Union[LargeOnlyParams, SmallOnlyParams, SpecReasonParams, SpecThinkingParams, ConsultantParams, SpeculativeParams,
+          BiLDParams, EASDParams, SpecVerificationParams, ReflectiveParams],
     Field(discriminator="type"),
 ]
 
@@ -34,5 +43,6 @@ def build_policy(params: PolicyParams) -> Policy:
 
 __all__ = [
     "POLICIES", "Policy", "PolicyConfig", "PolicyParams", "build_policy", "LargeOnly", "SmallOnly", "SpecReason",
-    "SpeculativeThinking", "ConsultantDecoding", "SpeculativeDecoding",
+    "SpeculativeThinking", "ConsultantDecoding", "SpeculativeDecoding", "BiLD", "EntropyAwareSD",
+    "SpeculativeVerification", "ReflectiveVerification",
 ]

@@ -8,6 +8,7 @@ vocabulary, checked at start-up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -17,11 +18,37 @@ from policies.base import Policy, PolicyParams
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
-    from workers.protocol import Generation
+    from workers.protocol import Generation, TokenLogprob
 
 
 class DraftVerifyParams(PolicyParams):
     draft_tokens: int = Field(8, ge=1, le=64)
+
+
+def cut(session: Session, draft: Generation, n: int) -> Generation:
+    """``draft`` with its first ``n`` tokens only (a cut draft ends by length, not EOS: a large token follows)."""
+    if n >= len(draft.token_ids):
+        return draft
+    return draft.model_copy(update={
+        "token_ids": draft.token_ids[:n], "text": session.models["small"].decode(draft.token_ids[:n]),
+        "finish_reason": "length", "stop_reason": None,
+        "logprobs": draft.logprobs[:n] if draft.logprobs is not None else None,
+    })
+
+
+def top_probability(lp: TokenLogprob) -> float:
+    """The top-1 probability of a generated position (asked with ``logprobs >= 1``; its own token's if higher).
+
+    A function of the position's distribution, not of the token drawn there: rules that
+    decide from it what to verify keep speculative sampling lossless.
+    """
+    return math.exp(max([lp.logprob, *lp.top.values()]))
+
+
+def reject_draft(session: Session, tokens: Sequence[int], note: str) -> None:
+    """Put draft tokens a lossy rule turned down into the trace, with the rule's reason (they stay out of the text)."""
+    if tokens:
+        session.reject("small", session.models["small"].decode(list(tokens)), len(tokens), kind="tokens", note=note)
 
 
 class DraftVerifyPolicy(Policy):
@@ -37,10 +64,19 @@ class DraftVerifyPolicy(Policy):
         """
         raise NotImplementedError
 
+    async def draft(self, session: Session, ids: Sequence[int]) -> Generation:
+        """The round's proposal: up to ``draft_tokens`` small-model tokens after ``ids``.
+
+        Policies that read the draft's own signals (BiLD's confidence, Speculative
+        Verification's predicted acceptance) override this to ask for logprobs and cut
+        the draft (``cut``) before it is verified; only what is returned counts as proposed.
+        """
+        return await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left))
+
     async def run(self, session: Session) -> None:
         while not session.finished and not session.out_of_budget:
             ids = session.log("large")  # one shared vocabulary: the small model drafts on the same ids
-            draft = await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left))
+            draft = await self.draft(session, ids)
             n_keep, nxt = await self.verify(session, ids, draft)
             kept = draft.token_ids[:n_keep]
             session.tally(proposed=len(draft.token_ids), accepted=n_keep)

@@ -14,7 +14,7 @@ from collections import deque
 import torch
 
 from orchestrator.session import ModelHandle, Session
-from workers.protocol import Generation, GenParams, NextToken, Scores, WorkerInfo, WorkerStats
+from workers.protocol import Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerInfo, WorkerStats
 from workers.sampling import sampling_probs
 
 EOS = 3
@@ -81,12 +81,27 @@ class ScriptedWorker(_Base):
         raise AssertionError("not scripted")
 
 
-class TableWorker(_Base):
-    """A language model over tokens {0, 1, 2, EOS}: fixed logits per position."""
+def _top(logprobs: torch.Tensor, k: int) -> dict[int, float]:
+    vals, idx = logprobs.topk(min(k, len(logprobs)))
+    return dict(zip(idx.tolist(), vals.tolist())) if k else {}
 
-    def __init__(self, logits: list[list[float]]):
+
+class TableWorker(_Base):
+    """A language model over tokens {0, 1, 2, EOS}: fixed logits per position.
+
+    ``markov``: the logits depend on the context's last token instead (row 1 + that
+    token; row 0 for an empty context), for rules whose decisions depend on what was drawn.
+    """
+
+    def __init__(self, logits: list[list[float]], markov: bool = False):
         super().__init__()
         self.logits = torch.tensor(logits, dtype=torch.float32)
+        self.markov = markov
+
+    def _at(self, context: list[int]) -> torch.Tensor:
+        if self.markov:
+            return self.logits[1 + context[-1] if context else 0]
+        return self._row(len(context))
 
     def _row(self, pos: int) -> torch.Tensor:
         return self.logits[min(pos, len(self.logits) - 1)]
@@ -94,22 +109,27 @@ class TableWorker(_Base):
     async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
         g = torch.Generator().manual_seed(params.seed or 0)
         ids = list(prompt_ids)
-        out = []
+        out, lps = [], []
         for _ in range(params.max_tokens):
-            row = self._row(len(ids))
+            row = self._at(ids)
             tok = int(row.argmax()) if params.greedy else int(torch.multinomial(
                 sampling_probs(row, params.temperature, params.top_k, params.top_p), 1, generator=g))
             out.append(tok)
             ids.append(tok)
+            if params.logprobs is not None:  # as the hf backend reports them: raw log-softmax, top-k by rank
+                lp = torch.log_softmax(row, -1)
+                lps.append(TokenLogprob(token_id=tok, logprob=float(lp[tok]), top=_top(lp, params.logprobs)))
             if tok == EOS:
                 break
-        return Generation(token_ids=out, text="", finish_reason="eos" if out[-1] == EOS else "length")
+        return Generation(token_ids=out, text="", finish_reason="eos" if out[-1] == EOS else "length",
+                          logprobs=lps if params.logprobs is not None else None)
 
     async def score(self, prefix_ids, continuation_ids, top_k=0, entropies=False, full_dists=False,
                     full_next=False, sample: GenParams | None = None) -> Scores:
         self.calls.append(("score", (len(prefix_ids), len(continuation_ids))))
+        ctx = [*prefix_ids, *continuation_ids]
         n = len(prefix_ids)
-        rows = [torch.log_softmax(self._row(n + i), -1) for i in range(len(continuation_ids) + 1)]
+        rows = [torch.log_softmax(self._at(ctx[: n + i]), -1) for i in range(len(continuation_ids) + 1)]
         sampled = None
         if sample is not None:
             g = torch.Generator().manual_seed(sample.seed or 0)
@@ -118,7 +138,8 @@ class TableWorker(_Base):
         rows, nxt = rows[:-1], rows[-1]
         return Scores(
             logprobs=[float(r[t]) for r, t in zip(rows, continuation_ids)],
-            top=[{int(r.argmax()): float(r.max())} for r in rows] if top_k else None,
+            top=[_top(r, top_k) for r in rows] if top_k else None,
+            entropies=[float(-(r.exp() * r).sum()) for r in rows] if entropies else None,
             dists=[r.tolist() for r in rows] if full_dists else None,
             next_logprobs=nxt.tolist() if full_next else None,
             sampled=sampled,
