@@ -151,7 +151,6 @@ async def test_online_swap_under_concurrent_requests_keeps_lossless_output(pair)
     replaced = await pair["small"].swap_model(copy.deepcopy(pair["small"].model))
     assert any(not t.done() for t in tasks)  # the swap came between rounds of running requests
     second = await asyncio.gather(*tasks)
-    print(orch.adapter.report())
     await orch.adapter.drain()
     assert [r.text for r in first] == want and [r.text for r in second] == want
     served = pair["small"].model
@@ -181,3 +180,36 @@ async def test_online_needs_a_token_level_policy(pair):
     orch = Orchestrator(load_config("arith/specreason", online()), workers=pair)
     with pytest.raises(ValueError, match="token-level policy"):
         await orch.start()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_online_reverts_a_draft_whose_live_acceptance_falls(pair):
+    orch = Orchestrator(load_config("arith/speculative", online(lr=0.001, tolerance=1.0, live_window=1)),
+                        workers=pair)
+    await orch.start()
+    await orch.asolve_batch(PROBLEMS[:3], concurrency=3)
+    await orch.adapter.drain()
+    a = orch.adapter
+    assert a.version >= 1 and a._previous is not None
+    previous, version = a._previous, a.version
+    # the new draft's live acceptance, stated: it fell from 95% to 50% (live traffic is what it is; the rule is tested)
+    a.cfg = a.cfg.model_copy(update={"tolerance": 0.0})
+    a.live[version - 1], a.live[version], a._watching = [100, 95], [100, 50], True
+    result = await orch.asolve(PROBLEMS[3])
+    await a.drain()
+    assert result.answer is not None
+    assert a.version == version + 1 and pair["small"].model is previous
+    assert a.updates[-1]["reverted"] and a.updates[-1]["live_before"] == 0.95
+    await orch.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_online_stream_compares_the_two_arms():
+    from evals.online_stream import compare
+
+    result = await compare("arith/speculative", limit=4, blocks=2, concurrency=2,
+                           overrides=SHORT + ["online.interval=1", "online.holdout_every=2"])
+    static, adapted = result["arms"]
+    assert [len(a["blocks"]) for a in result["arms"]] == [2, 2]
+    assert static["adapter"] is None and adapted["adapter"]["updates"]
+    assert static["accuracy"] == adapted["accuracy"]  # lossless either way: the same answers
