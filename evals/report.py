@@ -21,7 +21,7 @@ from evals.plots import plot_tradeoff, tradeoff_title
 #: Columns of the report table, in order.
 REPORT_COLUMNS = (
     "config", "policy", "dataset", "n", "samples", "accuracy", "mean_latency_s", "total_wall_s", "speedup",
-    "large_token_share", "acceptance_rate", "tokens_small", "tokens_large", "errors",
+    "efficiency", "large_token_share", "acceptance_rate", "tokens_small", "tokens_large", "errors",
 )
 
 

@@ -30,6 +30,7 @@ from typing import IO, Any
 from rich.console import Console
 from rich.table import Table
 
+from evals.breakdown import print_breakdown, time_summary, worker_time
 from evals.datasets import Problem, load_dataset
 from evals.grading import default_grader, grade
 from evals.progress import progress_bar
@@ -37,6 +38,8 @@ from evals.report import build_report, fmt, markdown_table
 from orchestrator.config import RunConfig, load_config
 from orchestrator.core import Orchestrator
 from orchestrator.session import Result
+from orchestrator.timing import LoopMeter
+from workers.protocol import WorkerStats
 
 RESULTS = "results.jsonl"
 ERRORS = "errors.jsonl"
@@ -121,7 +124,8 @@ async def run_eval(
     run_index = max((r.get("run", 0) for r in previous), default=0) + 1
 
     await orch.start()
-    spec_before = await _spec_counters(orch)
+    stats_before = await _worker_stats(orch)
+    spec_before = _spec_counters(stats_before)
     tally = _Tally([r for r in previous if _key(r) in wanted])
     bar = progress_bar(total=len(wanted), initial=tally.records, desc=orch.config.name, unit="solve",
                        disable=not progress)  # a bar on a terminal, one line per config in a log
@@ -146,8 +150,9 @@ async def run_eval(
         bar.set_postfix_str(tally.postfix(time.perf_counter() - t0), refresh=False)
         bar.update()
 
-    def finish(spec_after: dict[str, int] | None) -> dict[str, Any]:
+    def finish(stats_after: dict[str, WorkerStats] | None, loop: dict[str, Any] | None) -> dict[str, Any]:
         """Write the summary of what is in the folder now (with this session's counters, when known)."""
+        spec_after = _spec_counters(stats_after)
         spec = None
         if spec_before is not None and spec_after is not None:
             spec = {k: spec_after[k] - spec_before[k] for k in spec_after}
@@ -167,10 +172,13 @@ async def run_eval(
             samples=samples,
             errors=len(failed),
             spec=spec,
+            workers=worker_time(stats_before, stats_after) if stats_before and stats_after else None,
+            loop=loop,
         )
         write_summary(out_dir, summary)
         return summary
 
+    meter = LoopMeter().start()
     try:
         with results_path.open("a", encoding="utf-8") as results, errors_path.open("a", encoding="utf-8") as errors:
             async with asyncio.TaskGroup() as tg:
@@ -179,11 +187,12 @@ async def run_eval(
                 for problem, sample in todo:
                     tg.create_task(solve(problem, sample, results, errors))
     except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels its task): summarize what finished, then stop
-        finish(None)
+        finish(None, meter.stop())
         raise
     finally:
         bar.close()
-    return finish(await _spec_counters(orch))
+    loop = meter.stop()
+    return finish(await _worker_stats(orch), loop)
 
 
 def result_record(problem: Problem, sample: int, result: Result, correct: bool, *, run: int,
@@ -207,13 +216,17 @@ def result_record(problem: Problem, sample: int, result: Result, correct: bool, 
 
 def summarize(records: Sequence[Mapping[str, Any]], *, config: str, policy: str, dataset: str, problems: int,
               samples: int, errors: int, spec: Mapping[str, int] | None, policy_params: Mapping[str, Any] | None = None,
-              models: Mapping[str, str] | None = None) -> dict[str, Any]:
+              models: Mapping[str, str] | None = None, workers: Mapping[str, Any] | None = None,
+              loop: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The summary of a run from its result records (see ``result_record``).
 
     Accuracy is pass@1 averaged over samples. ``large_token_share`` counts accepted tokens
     (what ended up in the reasoning); written tokens are reported beside it. Total wall time
     adds up each session's time to its last result. ``spec`` None: the workers' token-level
     speculation counters are unknown. ``complete``: every (problem, sample) has a result.
+    ``time``: the run's time breakdown (``evals.breakdown``) from the records, the workers'
+    counters over this session (``workers``, from ``worker_time``) and the event loop
+    (``loop``, from ``LoopMeter``); ``efficiency`` is its critical path's model time over wall time.
     """
     def total(key: str) -> int:
         return sum(r.get(key) or 0 for r in records)
@@ -228,6 +241,7 @@ def summarize(records: Sequence[Mapping[str, Any]], *, config: str, policy: str,
     accepted_small, accepted_large = total("accepted_tokens_small"), total("accepted_tokens_large")
     proposed = total("proposed")
     written = total("tokens_small") + total("tokens_large")
+    time_section = time_summary(records, workers, loop)
     return {
         "config": config,
         "policy": policy,
@@ -261,6 +275,8 @@ def summarize(records: Sequence[Mapping[str, Any]], *, config: str, policy: str,
         "errors": errors,
         "complete": len(records) == problems * samples,
         "runs": len(session_wall),
+        "efficiency": time_section["problems"]["efficiency"],
+        "time": time_section,
     }
 
 
@@ -268,16 +284,19 @@ def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
     (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / SUMMARY_MD).write_text(
         f"# {summary['config']} on {summary['dataset']}\n\n"
-        + markdown_table([{"metric": k, "value": v} for k, v in summary.items()], ("metric", "value"))
+        + markdown_table([{"metric": k, "value": v} for k, v in summary.items() if k != "time"], ("metric", "value"))
     )
 
 
 def print_summary(summary: Mapping[str, Any], console: Console | None = None) -> None:
-    """The summary as a two-column table on the terminal."""
+    """The summary as a two-column table on the terminal, then its time breakdown."""
+    console = console or Console()
     table = Table("metric", "value", title=f"{summary.get('config')} on {summary.get('dataset')}")
     for key, value in summary.items():
-        table.add_row(key, fmt(value))
-    (console or Console()).print(table)
+        if key != "time":
+            table.add_row(key, fmt(value))
+    console.print(table)
+    print_breakdown(summary.get("time"), console)
 
 
 def load_records(path: Path, unique: bool = True) -> list[dict[str, Any]]:
@@ -397,17 +416,24 @@ def _append(fh: IO[str], record: Mapping[str, Any]) -> None:
     fh.flush()
 
 
-async def _spec_counters(orch: Orchestrator) -> dict[str, int] | None:
-    """Token-level speculation counters of the orchestrator's workers, summed over roles.
+async def _worker_stats(orch: Orchestrator) -> dict[str, WorkerStats] | None:
+    """The orchestrator's workers' counters by role.
 
     None when a worker cannot say (its Ray actor out of restarts, say): the counters are
     a detail of the summary, which must still be written from the results that finished.
     """
     try:
-        stats = (await orch.stats()).values()
+        return await orch.stats()
     except Exception as e:
         log.warning("worker counters unavailable, the summary leaves them out: %s: %s", type(e).__name__, e)
         return None
+
+
+def _spec_counters(by_role: Mapping[str, WorkerStats] | None) -> dict[str, int] | None:
+    """Token-level speculation counters summed over roles (None when the workers could not say)."""
+    if by_role is None:
+        return None
+    stats = by_role.values()
     return {
         "spec_proposed_tokens": sum(s.spec_proposed_tokens for s in stats),
         "spec_accepted_tokens": sum(s.spec_accepted_tokens for s in stats),

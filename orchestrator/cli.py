@@ -180,7 +180,8 @@ def bench(
     set: SetOpt = None,
 ) -> None:
     """The same problems through several configs: one table, bench.json/md/png."""
-    from evals.report import print_compact
+    from evals.breakdown import bench_breakdown_table
+    from evals.report import print_compact, read_summary
     from evals.runner import run_bench
 
     configs = list(configs) + list(ctx.args)  # `--configs C1 C2 C3`: typer binds C1, the rest arrive as extra args
@@ -192,6 +193,7 @@ def bench(
                                      resume=resume, overwrite=overwrite))
     print_compact(rows, console, caption=f"speedup: total wall time against {rows[0]['config']}; "
                                          "full precision in bench.json")
+    console.print(bench_breakdown_table([read_summary(Path(r["dir"])) for r in rows]))
     console.print(f"{len(rows)} configs compared; see {out}/bench.md, bench.json, bench.png")
 
 

@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, Field
 
 from orchestrator.answer import final_answer
 from orchestrator.context import room
+from orchestrator.timing import CallRecord, ProblemTime, problem_time
 from orchestrator.token_log import IncrementalText, Piece, TokenLog
 from workers.protocol import Generation, GenParams, NextToken, Worker
 
 Role = str
+T = TypeVar("T")
 
 
 class Segment(BaseModel):
@@ -64,6 +66,7 @@ class Metrics(BaseModel):
     accepted: int = 0
     handoffs: int = 0
     finish_reason: str = ""
+    time: ProblemTime | None = None  # where the wall time went (``orchestrator.timing``), set with the result
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -101,6 +104,9 @@ class Result(BaseModel):
             "accepted": m.accepted,
             "handoffs": m.handoffs,
             "finish_reason": m.finish_reason,
+            "critical_path_s": round(m.time.critical_path_s, 4) if m.time else None,
+            "efficiency": round(m.time.efficiency, 4) if m.time and m.time.efficiency is not None else None,
+            "time": m.time.model_dump() if m.time else None,
         }
 
 
@@ -143,6 +149,7 @@ class Session:
     _t0: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
+        self._timeline: list[CallRecord] = []  # every model call, for the critical path
         self._logs = {role: TokenLog(h, self.prompt_ids[role]) for role, h in self.models.items()}
         self._pieces: list[str] = []
         self._eos = {h.eos_token_id for h in self.models.values() if h.eos_token_id is not None}
@@ -214,21 +221,28 @@ class Session:
         left = room(self.models[role], len(ids))
         overrides.setdefault("max_tokens", self.budget_left)
         overrides["max_tokens"] = max(1, min(overrides["max_tokens"], self.budget_left or 1, left))
-        g = await self.models[role].worker.generate(ids, self.gen_params(**overrides))
+        g = await self._timed(role, self.models[role].worker.generate(ids, self.gen_params(**overrides)))
         self.metrics.add_call(role, len(g.token_ids), g.forward_passes, g.prompt_tokens, g.cached_prompt_tokens)
         return g
 
     async def score(self, role: Role, prefix: list[int], continuation: list[int], **kw: Any):
         room(self.models[role], len(prefix) + len(continuation), new=0)
-        s = await self.models[role].worker.score(prefix, continuation, **kw)
+        s = await self._timed(role, self.models[role].worker.score(prefix, continuation, **kw))
         self.metrics.add_call(role, 0, 1, s.prompt_tokens + len(continuation), s.cached_prompt_tokens)
         return s
 
     async def next_token_logprobs(self, role: Role, prefix: list[int], candidates: list[int],
                                   top_k: int = 0) -> NextToken:
         room(self.models[role], len(prefix), new=0)
-        out = await self.models[role].worker.next_token_logprobs(prefix, candidates, top_k)
+        out = await self._timed(role, self.models[role].worker.next_token_logprobs(prefix, candidates, top_k))
         self.metrics.add_call(role, 0, 1, len(prefix), 0)
+        return out
+
+    async def _timed(self, role: Role, call: Awaitable[T]) -> T:
+        """Await a model call, putting it on the problem's timeline (wall interval and the worker's timing)."""
+        start = time.perf_counter()
+        out = await call
+        self._timeline.append(CallRecord(role, start, time.perf_counter(), getattr(out, "timing", None)))
         return out
 
     # ------------------------------------------------------------ decisions: the books
@@ -317,6 +331,7 @@ class Session:
 
     def result(self, policy: str) -> Result:
         self.metrics.wall_s = time.perf_counter() - self._t0
+        self.metrics.time = problem_time(self._timeline, self.metrics.wall_s)
         if not self.metrics.finish_reason:
             self.metrics.finish_reason = "budget" if self.out_of_budget else "stopped"
         text = self.reasoning
