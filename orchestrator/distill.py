@@ -82,9 +82,11 @@ def position_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]],
                       positions: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
     """The model's log-distribution at each position of each sequence, stacked ``[sum(len(positions)), V]``.
 
-    One right-padded forward pass over the batch; only the rows read are kept (a full
-    ``tokens x vocabulary`` matrix of a real model would be large). Runs with the
-    caller's grad mode: the student's rows carry gradients, the teacher's do not.
+    One right-padded forward pass over the batch. Logits are computed only at the
+    columns some row reads (``logits_to_keep`` as indices): online adaptation reads a
+    few positions of long chains, and a full ``tokens x vocabulary`` matrix of a real
+    model is gigabytes. Runs with the caller's grad mode: the student's rows carry
+    gradients, the teacher's do not.
     """
     device = next(model.parameters()).device
     width = max(len(s) for s in seqs)
@@ -98,8 +100,12 @@ def position_logprobs(model: torch.nn.Module, seqs: Sequence[Sequence[int]],
             raise ValueError(f"positions must lie in 1..{len(s) - 1} for a sequence of {len(s)} tokens")
         rows += [i] * len(pos)
         cols += [p - 1 for p in pos]  # the logits after token p-1 predict token p
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    return torch.log_softmax(logits[torch.tensor(rows), torch.tensor(cols)].float(), -1)
+    needed = sorted(set(cols))
+    column = {c: j for j, c in enumerate(needed)}
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                   logits_to_keep=torch.tensor(needed, device=device)).logits
+    picked = logits[torch.tensor(rows, device=device), torch.tensor([column[c] for c in cols], device=device)]
+    return torch.log_softmax(picked.float(), -1)
 
 
 def sparse_logp(top: dict[int, float], vocab: int) -> torch.Tensor:

@@ -173,7 +173,7 @@ class OnlineAdapter:
         k = self.cfg.teacher_top_k
         if k == 0:
             return torch.stack([onehot_logp(b.ids[p], self.vocab) for p in b.misses])
-        s = await self.large.score(b.ids[: b.start], b.ids[b.start :], top_k=k)
+        s = await self.large.score(b.ids[: b.start], b.ids[b.start : max(b.misses) + 1], top_k=k)
         return torch.stack([sparse_logp(s.top[p - b.start], self.vocab) for p in b.misses])
 
     def _train_and_gate(self, batch: list[Observed], teacher: torch.Tensor,
