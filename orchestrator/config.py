@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from policies import PolicyConfig
 
@@ -34,11 +34,22 @@ class Strict(BaseModel):
 class SpeculativeConfig(Strict):
     """Token-level speculation inside one worker (issue: vLLM backend + SD)."""
 
-    method: Literal["ngram", "draft", "eagle"] | None = None
+    method: Literal["ngram", "draft", "eagle", "quantized", "kangaroo"] | None = Field(
+        None, description="quantized (ML-SpecQD: the target's own weights, quantized, draft for it) and kangaroo "
+                          "(the target's first layers plus a trained adapter) run on the hf backend")
     num_speculative_tokens: int = Field(4, ge=1, le=32)
-    model: str | None = Field(None, description="draft / EAGLE head path for method=draft|eagle")
+    model: str | None = Field(None, description="draft / EAGLE head path for method=draft|eagle; "
+                                                "the adapter folder for method=kangaroo")
     prompt_lookup_min: int = Field(2, ge=1)
     prompt_lookup_max: int = Field(4, ge=1)
+    # hf-only knobs; None by default so that they never reach vLLM's speculative_config
+    quantize: Literal["int8"] | None = Field(None, description="method=quantized: the weight format (None: int8)")
+    draft_confidence: float | None = Field(
+        None, gt=0, lt=1, description="end a draft after a token whose top-1 probability is under this "
+                                      "(Kangaroo's second early exit; None: 0.6 for kangaroo, never for the others)")
+    draft: SpeculativeConfig | None = Field(
+        None, description="speculation inside the draft itself (multi-level ML-SpecQD: a smaller draft model "
+                          "drafting for the quantized one); every level verifies exactly, so the output is unchanged")
 
 
 class PlacementConfig(Strict):
@@ -67,6 +78,17 @@ class ModelConfig(Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     replicas: int = Field(1, ge=1)
     engine_args: dict[str, Any] = Field(default_factory=dict, description="extra vLLM engine arguments")
+
+    @model_validator(mode="after")
+    def _hf_only_speculation(self) -> ModelConfig:
+        """Drafts made from the target's weights live in the hf worker; vLLM would get the knobs as unknown keys."""
+        spec = self.speculative
+        if self.backend == "vllm":
+            hf_only = [f"method={spec.method}"] if spec.method in ("quantized", "kangaroo") else []
+            hf_only += [k for k in ("quantize", "draft_confidence", "draft") if getattr(spec, k) is not None]
+            if hf_only:
+                raise ValueError(f"speculative {', '.join(hf_only)}: hf backend only (this model's backend is vllm)")
+        return self
 
     def resolved_path(self) -> str:
         return resolve_model_path(self.path)

@@ -67,7 +67,7 @@ class DraftProposer:
 
 def make_speculator(spec: Any, target: HFWorker) -> NgramProposer | DraftProposer:
     """Build the configured proposer, failing at start-up on what cannot work."""
-    from workers.hf_backend import HFWorker
+    from workers.hf_drafts import ConfidentDraft, derived_draft
     from workers.protocol import vocab_fingerprint
 
     k = spec.num_speculative_tokens
@@ -76,10 +76,14 @@ def make_speculator(spec: Any, target: HFWorker) -> NgramProposer | DraftPropose
     if spec.method == "draft":
         if not spec.model:
             raise ValueError("speculative.method=draft needs speculative.model (the draft model's folder)")
-        draft = HFWorker(spec.model, device=str(target.device), kv_cache_tokens=target.cache.max_tokens)
+        draft = ConfidentDraft(spec.model, device=str(target.device), kv_cache_tokens=target.cache.max_tokens,
+                               speculative=spec.draft, stop_below=spec.draft_confidence)
         if vocab_fingerprint(draft.tokenizer) != vocab_fingerprint(target.tokenizer):
             raise ValueError(f"draft model {spec.model} has a different vocabulary from the target "
                              f"{target.model_path}; token-level speculation needs the same tokenizer")
         return DraftProposer(draft, k)
-    raise ValueError(f"speculative.method={spec.method} is not supported by the hf backend (ngram, draft); "
+    if spec.method in ("quantized", "kangaroo"):
+        return DraftProposer(derived_draft(spec, target), k)
+    raise ValueError(f"speculative.method={spec.method} is not supported by the hf backend "
+                     "(ngram, draft, quantized, kangaroo); "
                      "EAGLE heads run on the vllm backend")
