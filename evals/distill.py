@@ -211,7 +211,7 @@ def run_distill(s: DistillSettings, *, resume: bool = False, overwrite: bool = F
     if ckpt_path.exists() and not overwrite:
         if not resume:
             raise DistillError(f"{out} holds a distillation checkpoint: --resume continues it, --overwrite restarts")
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")  # moved to the device on load
         if state["settings"] != s.model_dump():
             changed = sorted(k for k, v in s.model_dump().items() if state["settings"].get(k) != v)
             raise DistillError(f"{out} holds a run with other settings ({', '.join(changed)} differ)")
@@ -231,8 +231,9 @@ def run_distill(s: DistillSettings, *, resume: bool = False, overwrite: bool = F
         train_prompts, held_prompts = _prompts(s, tokenizer)
         held = generate(teacher, held_prompts, s.max_new_tokens, 0.0, pad, eos)
         fixed = generate(teacher, train_prompts, s.max_new_tokens, 0.0, pad, eos) if s.data == "fixed" else None
-        state = {"settings": s.model_dump(), "step": 0, "history": [], "train_prompts": train_prompts,
-                 "held": held, "held_starts": [len(p) for p in held_prompts], "fixed": fixed,
+        state = {"settings": s.model_dump(), "step": 0, "history": [], "train_s": 0.0,
+                 "train_prompts": train_prompts, "held": held, "held_starts": [len(p) for p in held_prompts],
+                 "fixed": fixed,
                  "before": measure(student, teacher, held, [len(p) for p in held_prompts], pad)}
     else:
         student.load_state_dict(state["student"])
@@ -244,7 +245,7 @@ def run_distill(s: DistillSettings, *, resume: bool = False, overwrite: bool = F
                        disable=not show_progress)
     try:
         while state["step"] < s.steps:
-            step = state["step"]
+            step, t_step = state["step"], time.perf_counter()
             idx = batch_indices(step, len(train_prompts), s.batch_size, s.seed)
             prompts = [train_prompts[i] for i in idx]
             if fixed is not None:
@@ -267,6 +268,7 @@ def run_distill(s: DistillSettings, *, resume: bool = False, overwrite: bool = F
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             state["step"] = step + 1
+            state["train_s"] += time.perf_counter() - t_step
             state["history"].append({"step": step + 1, "loss": round(loss.item(), 5), "tokens": kept})
             bar.set_postfix_str(f"{s.divergence} {loss.item():.4f}")
             bar.update(1)
@@ -280,7 +282,8 @@ def run_distill(s: DistillSettings, *, resume: bool = False, overwrite: bool = F
     after = measure(student, teacher, state["held"], state["held_starts"], pad)
     summary = {"settings": s.model_dump(), "steps": state["step"], "heldout_before": state["before"],
                "heldout_after": after, "final_loss": state["history"][-1]["loss"] if state["history"] else None,
-               "seconds_this_run": round(time.perf_counter() - t_start, 1), "device": str(device),
+               "train_s": round(state["train_s"], 1), "seconds_this_run": round(time.perf_counter() - t_start, 1),
+               "device": str(device), "threads": torch.get_num_threads() if device.type == "cpu" else None,
                "history": state["history"]}
     student.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -306,7 +309,8 @@ fine-tuned toward `{s['teacher']}` so that speculative policies accept more of i
 - data: {data}; dataset {s['dataset']}{f" ({s['dataset_path']})" if s['dataset_path'] else ""}, \
 {s['problems']} training prompts, continuations up to {s['max_new_tokens']} tokens
 - training: {summary['steps']} steps of batch {s['batch_size']}, AdamW lr {s['lr']} (linear warmup
-  {s['warmup']} steps, then constant), gradient clip 1.0, seed {s['seed']}, {summary['device']}; final loss
+  {s['warmup']} steps, then constant), gradient clip 1.0, seed {s['seed']}; {summary['train_s']} s on
+  {summary['device']}{f" ({summary['threads']} threads)" if summary['threads'] else ""}; final loss
   {summary['final_loss']}
 
 ## Held out
