@@ -11,6 +11,9 @@ from policies.baselines import LargeOnly, LargeOnlyParams, SmallOnly, SmallOnlyP
 from policies.bild import BiLD, BiLDParams
 from policies.consultant import ConsultantDecoding, ConsultantParams
 from policies.easd import EASDParams, EntropyAwareSD
+from policies.hierarchical import HierarchicalParams, HierarchicalSD
+from policies.multi_candidate import MultiCandidateParams, MultiCandidateSD
+from policies.pyramid import PyramidParams, PyramidSD
 from policies.reflective import ReflectiveParams, ReflectiveVerification
 from policies.spec_thinking import SpecThinkingParams, SpeculativeThinking
 from policies.specreason import SpecReason, SpecReasonParams
@@ -28,11 +31,15 @@ POLICIES: dict[str, type[Policy]] = {
     "easd": EntropyAwareSD,
     "spec-verification": SpeculativeVerification,
     "reflective": ReflectiveVerification,
+    "hierarchical": HierarchicalSD,
+    "multi-candidate": MultiCandidateSD,
+    "pyramid": PyramidSD,
 }
 
 PolicyConfig = Annotated[
     Union[LargeOnlyParams, SmallOnlyParams, SpecReasonParams, SpecThinkingParams, ConsultantParams, SpeculativeParams,
-          BiLDParams, EASDParams, SpecVerificationParams, ReflectiveParams],
+          BiLDParams, EASDParams, SpecVerificationParams, ReflectiveParams, HierarchicalParams, MultiCandidateParams,
+          PyramidParams],
     Field(discriminator="type"),
 ]
 
@@ -44,5 +51,5 @@ def build_policy(params: PolicyParams) -> Policy:
 __all__ = [
     "POLICIES", "Policy", "PolicyConfig", "PolicyParams", "build_policy", "LargeOnly", "SmallOnly", "SpecReason",
     "SpeculativeThinking", "ConsultantDecoding", "SpeculativeDecoding", "BiLD", "EntropyAwareSD",
-    "SpeculativeVerification", "ReflectiveVerification",
+    "SpeculativeVerification", "ReflectiveVerification", "HierarchicalSD", "MultiCandidateSD", "PyramidSD",
 ]

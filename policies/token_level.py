@@ -73,15 +73,31 @@ class DraftVerifyPolicy(Policy):
         """
         return await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left))
 
+    async def round(self, session: Session, ids: Sequence[int]) -> tuple[Generation, int, int | None]:
+        """One round: (the proposal, how many of its tokens are kept, the large model's next token or None).
+
+        Multi-candidate verification overrides this: it drafts several proposals at
+        once and returns the one whose prefix it keeps.
+        """
+        draft = await self.draft(session, ids)
+        n_keep, nxt = await self.verify(session, ids, draft)
+        return draft, n_keep, nxt
+
+    def accept_draft(self, session: Session, draft: Generation, n_keep: int) -> None:
+        """Put the kept draft tokens into the reasoning as the small model's.
+
+        A draft handed up a chain of models (``policies.levels.Block``) has several
+        authors and overrides this to name them.
+        """
+        if n_keep:
+            session.accept_tokens("small", draft.token_ids[:n_keep])
+
     async def run(self, session: Session) -> None:
         while not session.finished and not session.out_of_budget:
             ids = session.log("large")  # one shared vocabulary: the small model drafts on the same ids
-            draft = await self.draft(session, ids)
-            n_keep, nxt = await self.verify(session, ids, draft)
-            kept = draft.token_ids[:n_keep]
+            draft, n_keep, nxt = await self.round(session, ids)
             session.tally(proposed=len(draft.token_ids), accepted=n_keep)
-            if kept:
-                session.accept_tokens("small", kept)
+            self.accept_draft(session, draft, n_keep)
             if nxt is not None and not session.finished and not session.out_of_budget:  # never past the budget
                 session.tally(handoffs=int(n_keep < len(draft.token_ids)))
                 session.accept_tokens("large", [nxt], scored=True,  # written through a scoring pass

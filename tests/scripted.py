@@ -146,7 +146,7 @@ class TableWorker(_Base):
         )
 
     async def next_token_logprobs(self, prefix_ids, candidates, top_k=0) -> NextToken:
-        row = torch.log_softmax(self._row(len(prefix_ids)), -1)
+        row = torch.log_softmax(self._at(list(prefix_ids)), -1)
         vals, idx = row.topk(min(top_k, len(row))) if top_k else (torch.tensor([]), torch.tensor([], dtype=torch.long))
         return NextToken(candidates={c: float(row[c]) for c in candidates}, top=dict(zip(idx.tolist(), vals.tolist())))
 

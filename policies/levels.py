@@ -1,0 +1,202 @@
+"""Token-level speculation up a chain of models: each level verifies the block handed up by the one below.
+
+Hierarchical speculative decoding (HSD, Globerson et al., arXiv 2510.19705) and
+PyramidSD (Byun et al., arXiv 2510.12966) share one mechanism. The bottom model
+drafts by generating. Every model above it verifies the block from below in one
+scoring pass with its rule, keeps a prefix, adds its own token (the replacement at
+the first rejection, or the bonus token after a fully kept block) and asks for more
+until it holds ``tokens`` of them, then hands its block up. The top model (large) is
+the draft-and-verify loop's verifier (``policies.token_level``): one round per block.
+
+A rule (``Rule``) says what it reads. The lossless rule (``Lossless``) needs the
+verifier's and the block's sampling distributions (p and q), except under greedy
+decoding, where it compares argmaxes read inside the worker. PyramidSD's fuzzy rule
+(``policies.pyramid.Fuzzy``) compares full raw distributions at every position. A
+block carries its producer's rows only when the level above reads them. They come
+from the pass that verified the block (the bottom's from one extra scoring pass over
+its draft), so no level scores a token twice.
+
+Why a chain of lossless levels is lossless: every token a lossless level hands up,
+given all that came before, is distributed as that level's model. This is the
+single-draft argument at each position. How many tokens a level asks for depends
+only on what it already holds, so the block's length is a stopping time. The level
+above verifies the block with q := the model below, so by induction the top writes
+the large model's distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+from pydantic import Field
+
+from policies.base import PolicyParams
+from policies.speculative import lossless
+from policies.token_level import DraftVerifyPolicy
+from workers.protocol import Generation, GenParams, Scores
+
+if TYPE_CHECKING:
+    from orchestrator.session import Session
+
+
+class Block(Generation):
+    """Tokens handed up to a verifier: a draft (``Generation``) whose tokens name their authors.
+
+    ``scored[i]``: token i was read from a scoring pass or drawn by the policy, so
+    it counts as written when it is accepted (a generate call counts its own).
+    ``dists[i]``: the raw log-distribution (as ``Scores.dists``) at token i's position
+    of the model whose distribution the block follows, kept when the level above reads it.
+    """
+
+    authors: list[str] = Field(default_factory=list)
+    scored: list[bool] = Field(default_factory=list)
+    dists: list[list[float]] | None = None
+
+    @classmethod
+    def of(cls, author: str, g: Generation, dists: list[list[float]] | None = None, *,
+           scored: bool = False) -> Block:
+        n = len(g.token_ids)
+        return cls(token_ids=list(g.token_ids), text=g.text, finish_reason=g.finish_reason,
+                   authors=[author] * n, scored=[scored] * n, dists=dists)
+
+    @property
+    def ended(self) -> bool:
+        """The block ends with EOS: nothing follows it."""
+        return self.finish_reason == "eos"
+
+    def add(self, tokens: Sequence[int], authors: Sequence[str], scored: Sequence[bool],
+            dists: Sequence[list[float]] | None) -> None:
+        self.token_ids.extend(tokens)
+        self.authors.extend(authors)
+        self.scored.extend(scored)
+        if self.dists is not None:
+            self.dists.extend(dists)
+
+    def runs(self, n: int) -> list[tuple[str, list[int], bool]]:
+        """The first ``n`` tokens as consecutive runs of (author, tokens, scored)."""
+        out: list[tuple[str, list[int], bool]] = []
+        for tok, author, scored in zip(self.token_ids[:n], self.authors, self.scored):
+            if out and out[-1][0] == author and out[-1][2] == scored:
+                out[-1][1].append(tok)
+            else:
+                out.append((author, [tok], scored))
+        return out
+
+
+class Rule(Protocol):
+    """How a level verifies the block from the level below."""
+
+    def reads_rows(self, greedy: bool) -> bool:
+        """Whether it reads full distributions: the verifier's pass and the block's ``dists``."""
+
+    def reads_draws(self, greedy: bool) -> bool:
+        """Whether it reads the verifier's own tokens drawn in its pass (``Scores.sampled``)."""
+
+    def decide(self, s: Scores, block: Block, params: GenParams, rng: torch.Generator) -> tuple[int, int | None]:
+        """(tokens of ``block`` kept, the verifier's next token or None) from the verifier's pass ``s``."""
+
+
+@dataclass(frozen=True)
+class Lossless:
+    """The speculative-sampling rule (``policies.speculative.lossless``)."""
+
+    def reads_rows(self, greedy: bool) -> bool:
+        return not greedy
+
+    def reads_draws(self, greedy: bool) -> bool:
+        return greedy
+
+    def decide(self, s: Scores, block: Block, params: GenParams, rng: torch.Generator) -> tuple[int, int | None]:
+        return lossless(block.token_ids, block.ended, s, block.dists, params, rng)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One model of the chain: ``tokens`` it drafts (the bottom) or holds before handing up; its ``rule``."""
+
+    role: str
+    tokens: int = 0
+    rule: Rule | None = None  # None at the bottom, which drafts by generating
+
+
+def eos_ids(session: Session) -> set[int]:
+    return {h.eos_token_id for h in session.models.values() if h.eos_token_id is not None}
+
+
+async def check(session: Session, level: Level, ids: Sequence[int], block: Block,
+                keep_rows: bool) -> tuple[int, int | None, Scores]:
+    """``level`` verifies ``block`` after ``ids`` in one scoring pass: (kept, next token, the pass).
+
+    ``keep_rows``: the level above reads this level's rows, so the pass returns them
+    (over the block and after it) whatever the rule needs itself.
+    """
+    rule, greedy = level.rule, session.params.greedy
+    rows = rule.reads_rows(greedy) or keep_rows
+    s = await session.score(level.role, ids, block.token_ids, full_dists=rows, full_next=rows and not block.ended,
+                            sample=session.gen_params() if rule.reads_draws(greedy) else None)
+    n, nxt = rule.decide(s, block, session.params, session.generator())
+    return n, nxt, s
+
+
+async def propose(session: Session, ids: Sequence[int], levels: Sequence[Level], want: int,
+                  keep_rows: bool) -> Block:
+    """The block the last of ``levels`` hands up after ``ids``: at most ``want`` tokens.
+
+    ``keep_rows``: the block carries its rows (the level above reads them).
+    """
+    *below, level = levels
+    if not below:  # the bottom drafts
+        g = await session.generate(level.role, ids=ids, max_tokens=min(level.tokens, want))
+        dists = (await session.score(level.role, ids, g.token_ids, full_dists=True)).dists if keep_rows else None
+        return Block.of(level.role, g, dists)
+    block = Block(token_ids=[], text="", finish_reason="length", dists=[] if keep_rows else None)
+    stop = eos_ids(session)
+    while len(block.token_ids) < min(level.tokens, want) and not block.ended:
+        ctx = [*ids, *block.token_ids] if block.token_ids else ids
+        sub = await propose(session, ctx, below, want - len(block.token_ids), level.rule.reads_rows(session.params.greedy))
+        n, nxt, s = await check(session, level, ctx, sub, keep_rows)
+        block.add(sub.token_ids[:n], sub.authors[:n], sub.scored[:n], s.dists[:n] if keep_rows else None)
+        if n == len(sub.token_ids) and sub.ended:
+            block.finish_reason = "eos"
+        elif nxt is not None and len(block.token_ids) < want:  # never past the budget
+            row = (s.dists[n] if n < len(sub.token_ids) else s.next_logprobs) if keep_rows else None
+            block.add([nxt], [level.role], [True], [row])
+            if nxt in stop:
+                block.finish_reason = "eos"
+    return block
+
+
+class BlockDraftPolicy(DraftVerifyPolicy):
+    """A draft-and-verify policy whose drafts are ``Block``s: kept tokens go in under their own authors."""
+
+    def accept_draft(self, session: Session, draft: Block, n_keep: int) -> None:
+        for author, tokens, scored in draft.runs(n_keep):
+            session.accept_tokens(author, tokens, scored=scored)
+
+
+class ChainPolicy(BlockDraftPolicy):
+    """A draft-and-verify policy whose draft is the block handed up a chain of models below the large one.
+
+    Subclasses give the chain (``chain``): the levels from the bottom up, the large
+    model last with its rule.
+    """
+
+    roles: ClassVar[tuple[str, ...]] = ("small", "mid", "large")
+
+    def __init__(self, params: PolicyParams):
+        super().__init__(params)
+        self.levels = self.chain()
+
+    def chain(self) -> list[Level]:
+        raise NotImplementedError
+
+    async def draft(self, session: Session, ids: Sequence[int]) -> Block:
+        *below, top = self.levels
+        return await propose(session, ids, below, session.budget_left, top.rule.reads_rows(session.params.greedy))
+
+    async def verify(self, session: Session, ids: Sequence[int], draft: Block) -> tuple[int, int | None]:
+        n, nxt, _ = await check(session, self.levels[-1], ids, draft, keep_rows=False)
+        return n, nxt
