@@ -32,6 +32,7 @@ async def run_arm(config: str, overrides: list[str], online: bool, problems: lis
         if orch.adapter is not None:
             await orch.adapter.drain()
         report = orch.adapter.report() if orch.adapter is not None else None
+        line = orch.adapter.summary_line() if orch.adapter is not None else None
     finally:
         await orch.aclose()
     size = max(1, len(results) // blocks)
@@ -44,7 +45,7 @@ async def run_arm(config: str, overrides: list[str], online: bool, problems: lis
                      "proposed": proposed})
     correct = sum(r.answer == p.answer for r, p in zip(results, problems))
     return {"online": online, "blocks": rows, "accuracy": round(correct / len(problems), 4),
-            "wall_s": round(time.perf_counter() - t0, 2), "adapter": report}
+            "wall_s": round(time.perf_counter() - t0, 2), "adapter": report, "adaptation": line}
 
 
 async def compare(config: str, limit: int, blocks: int, concurrency: int, overrides: list[str]) -> dict[str, Any]:
@@ -67,10 +68,8 @@ def main() -> None:
         name = "online" if arm["online"] else "static"
         print(f"{name:7s} acc {arm['accuracy']:.3f}  wall {arm['wall_s']:.1f}s  acceptance by block: "
               + ", ".join(f"{r['problems']}: {r['acceptance']:.3f}" for r in arm["blocks"]))
-        if arm["adapter"]:
-            ups = arm["adapter"]["updates"]
-            print(f"        {len(ups)} updates, {sum(bool(u.get('swapped')) for u in ups)} swapped, "
-                  f"{sum(bool(u.get('reverted')) for u in ups)} reverted; final version {arm['adapter']['version']}")
+        if arm["adaptation"]:
+            print(f"        {arm['adaptation']}")
     if a.out:
         a.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 

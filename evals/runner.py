@@ -46,6 +46,7 @@ ERRORS = "errors.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 RUN_CONFIG = "run_config.json"
+ONLINE_JSON = "online.json"  # online draft adaptation's report (orchestrator.online)
 #: What a resume may change without mixing runs: how many problems and samples (a longer run
 #: extends a shorter one), how many are in flight, where the folder is, and where workers run.
 #: Everything else in ``run_config.json`` (models, policy, sampling, prompt, dataset) must match.
@@ -175,6 +176,10 @@ async def run_eval(
             workers=worker_time(stats_before, stats_after) if stats_before and stats_after else None,
             loop=loop,
         )
+        if orch.adapter is not None:  # online draft adaptation: one line here, its whole report in online.json
+            report = orch.adapter.report()
+            (out_dir / ONLINE_JSON).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+            summary["online"] = orch.adapter.summary_line()
         write_summary(out_dir, summary)
         return summary
 

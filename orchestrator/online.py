@@ -142,6 +142,14 @@ class OnlineAdapter:
         drafted, accepted = self.live.get(version, (0, 0))
         return accepted / drafted if drafted else None
 
+    def summary_line(self) -> str:
+        """The adaptation in one line (an eval summary's table)."""
+        ups = [u for u in self.updates if "swapped" in u]
+        reverts = sum(bool(u.get("reverted")) for u in self.updates)
+        rates = ", ".join(f"v{v} {r:.3f}" for v in self.live if (r := self.rate(v)) is not None)
+        return (f"{len(ups)} updates, {sum(u['swapped'] for u in ups)} swapped, {reverts} reverted; "
+                f"live acceptance {rates or '-'}")
+
     def report(self) -> dict[str, Any]:
         return {"version": self.version, "updates": self.updates,
                 "live_acceptance": {v: self.rate(v) for v in self.live}, "buffered": len(self.buffer),

@@ -213,3 +213,18 @@ async def test_online_stream_compares_the_two_arms():
     assert [len(a["blocks"]) for a in result["arms"]] == [2, 2]
     assert static["adapter"] is None and adapted["adapter"]["updates"]
     assert static["accuracy"] == adapted["accuracy"]  # lossless either way: the same answers
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_eval_records_the_adaptation(tmp_path):
+    from evals.datasets import load_dataset
+    from evals.runner import ONLINE_JSON, run_eval
+
+    orch = Orchestrator(load_config("arith/speculative", SHORT + ["online.enabled=true", "online.interval=1",
+                                                                  "online.holdout_every=2"]))
+    try:
+        summary = await run_eval(orch, load_dataset("arith", limit=3), tmp_path, concurrency=3, progress=False)
+    finally:
+        await orch.aclose()
+    assert summary["online"].startswith(f"{len(orch.adapter.updates)} updates")
+    assert json.loads((tmp_path / ONLINE_JSON).read_text())["held_out"] == 1
