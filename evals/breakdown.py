@@ -32,8 +32,8 @@ PROBLEM_TERMS = ("wall_s", "critical_path_s", "queue_s", "overhead_s", "gap_s")
 #: Per-model call terms, summed over problems.
 CALL_TERMS = ("calls", "call_s", "model_s", "prefill_s", "decode_s", "queue_s", "untimed")
 #: Worker counters a run's breakdown takes the difference of.
-WORKER_TERMS = ("busy_s", "idle_s", "clock_s", "prefill_s", "decode_s", "forward_s", "queue_s", "forward_passes",
-                "requests")
+WORKER_TERMS = ("busy_s", "idle_s", "clock_s", "cpu_s", "prefill_s", "decode_s", "forward_s", "queue_s",
+                "forward_passes", "requests")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -113,16 +113,16 @@ def breakdown_tables(time: Mapping[str, Any], title: str = "") -> list[Table]:
     tables = [t1, t2]
     workers, loop = time.get("workers"), time.get("loop")
     if workers or loop:
-        t3 = _table("busy", "idle", "busy %", "prefill", "decode", "forward", "queue", "passes", first="engine",
-                    title="engines over the run, seconds")
+        t3 = _table("busy", "busy %", "cpu", "prefill", "decode", "forward", "queue", "passes",
+                    first="engine", title="engines over the run, seconds (idle time in the JSON)")
         for role, w in (workers or {}).items():
-            t3.add_row(role, _s(w["busy_s"]), _s(w["idle_s"]), _pct(w["busy_share"]), _s(w["prefill_s"]),
-                       _s(w["decode_s"]), _s(w["forward_s"]), _s(w["queue_s"]), str(w["forward_passes"]))
+            t3.add_row(role, _s(w["busy_s"]), _pct(w["busy_share"]), _s(w.get("cpu_s")),
+                       _s(w["prefill_s"]), _s(w["decode_s"]), _s(w["forward_s"]), _s(w["queue_s"]),
+                       str(w["forward_passes"]))
         if loop:
-            t3.add_row("loop", _s(loop["busy_s"]), _s(None if loop["busy_s"] is None
-                                                            else loop["wall_s"] - loop["busy_s"]),
-                       _pct(loop["busy_share"]), "", "", "", "", "")
-            t3.caption = f"event loop thread CPU {_s(loop['cpu_s'])} s ({_pct(loop['cpu_share'])} of the run)"
+            t3.add_row("loop", _s(loop["busy_s"]), _pct(loop["busy_share"]), _s(loop["cpu_s"]), "", "", "", "", "")
+            t3.caption = ("cpu: the thread's CPU time; busy beyond it is time with work but no core, or "
+                          "waiting for the GIL")
         tables.append(t3)
     return tables
 

@@ -24,7 +24,8 @@ from workers.protocol import CallTiming, Generation, GenParams, WorkerInfo, Work
 
 def rec(role: str, start: float, end: float, prefill: float = 0.0, decode: float = 0.0, queue: float = 0.0,
         timed: bool = True) -> CallRecord:
-    return CallRecord(role, start, end, CallTiming(queue_s=queue, prefill_s=prefill, decode_s=decode) if timed else None)
+    timing = CallTiming(queue_s=queue, prefill_s=prefill, decode_s=decode)
+    return CallRecord(role, start, end, timing if timed else None)
 
 
 # ---------------------------------------------------------------- the arithmetic
@@ -47,7 +48,8 @@ def test_sequential_calls_make_the_whole_critical_path():
 
 def test_calls_in_flight_together_are_alternatives_on_the_path():
     # a judge (large) and a look-ahead draft (small) overlap; the heavier one is on the path
-    step, judge, draft = rec("small", 0, 1, decode=0.9), rec("large", 1, 1.3, prefill=0.3), rec("small", 1, 2, decode=0.9)
+    step, judge = rec("small", 0, 1, decode=0.9), rec("large", 1, 1.3, prefill=0.3)
+    draft = rec("small", 1, 2, decode=0.9)
     chain = critical_chain([step, judge, draft])
     assert chain == [step, draft]
     assert problem_time([step, judge, draft], 2.0).critical_path_s == pytest.approx(1.8)
@@ -146,6 +148,7 @@ def check_run(summary: dict, records: list[dict], roles: tuple[str, ...]) -> Non
         # the engine's books: busy + idle is its clock; phases inside busy, forward passes inside phases
         assert w["busy_s"] + w["idle_s"] == pytest.approx(w["clock_s"], abs=1e-3)
         assert 0 < w["forward_s"] <= w["prefill_s"] + w["decode_s"] <= w["busy_s"] + 1e-3
+        assert 0 < w["cpu_s"] <= w["busy_s"] + 0.01  # waiting for a core or the GIL costs no CPU
         assert w["queue_s"] >= c["queue_s"] - 1e-3  # the engine also counts calls answered as they were cancelled
         # one problem at a time and one call per worker at a time: the calls' model time is the engine's work
         assert c["model_s"] <= w["busy_s"] + 1e-3
@@ -180,6 +183,7 @@ async def test_hf_calls_carry_their_timing(engines):
         assert t.prefill_s > 0 and t.decode_s == 0 and t.queue_s >= 0
     assert after.queue_s - before.queue_s == pytest.approx(sum(x.timing.queue_s for x in (g, s, n)))
     assert after.busy_s + after.idle_s == pytest.approx(after.clock_s, abs=1e-3)
+    assert after.cpu_s > before.cpu_s
 
 
 @pytest.mark.vllm

@@ -213,6 +213,7 @@ class HFWorker:
         self._stats = WorkerStats()
         self._busy = BusyClock()
         self._phases = PhaseClock("prefill", "decode")
+        self._cpu_seen = 0.0
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -288,7 +289,19 @@ class HFWorker:
     async def stats(self) -> WorkerStats:
         busy, idle, clock = self._busy.read()
         phases = {f"{phase}_s": spent for phase, spent in self._phases.read().items()}
-        return self._stats.model_copy(update={"busy_s": busy, "idle_s": idle, "clock_s": clock, **phases})
+        return self._stats.model_copy(update={"busy_s": busy, "idle_s": idle, "clock_s": clock,
+                                              "cpu_s": self._engine_cpu(), **phases})
+
+    def _engine_cpu(self) -> float:
+        """CPU seconds of the engine thread so far (its own CPU clock, read from this thread; the last
+        reading once the thread is gone)."""
+        thread = self._thread
+        if thread is not None and thread.ident is not None:
+            try:
+                self._cpu_seen = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except (OSError, AttributeError):  # the thread has exited, or no per-thread clocks here
+                pass
+        return self._cpu_seen
 
     async def swap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Serve with ``model`` (same architecture and vocabulary) from now on; returns the model it replaces.

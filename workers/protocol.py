@@ -135,7 +135,9 @@ class WorkerStats(_Msg):
     + ``idle_s``. ``prefill_s``/``decode_s``: engine time in prefill and decode phases
     (their bookkeeping included), ``forward_s`` the part inside the model's forward
     passes; a backend that cannot see its engine's phases (vLLM) sums its calls' own
-    phases, which overlap under batching, and leaves ``forward_s`` 0. ``queue_s``: the
+    phases, which overlap under batching, and leaves ``forward_s`` 0. ``cpu_s``: CPU time
+    of the engine's thread (hf; 0 where the engine runs in other processes): busy time
+    beyond it is time the engine had work but no core, or waited for the GIL. ``queue_s``: the
     calls' ``CallTiming.queue_s`` summed.
     """
 
@@ -152,6 +154,7 @@ class WorkerStats(_Msg):
     decode_s: float = 0.0
     forward_s: float = 0.0
     queue_s: float = 0.0
+    cpu_s: float = 0.0
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
 
