@@ -64,7 +64,8 @@ def overlap(small_top: Sequence[int], large_top: Sequence[int]) -> float:
     return len(set(small_top) & set(large_top)) / max(1, len(small_top))
 
 
-def gate(p: EASDParams, h_small: float, h_large: float, small_top: Sequence[int], large_top: Sequence[int]) -> str | None:
+def gate(p: EASDParams, h_small: float, h_large: float, small_top: Sequence[int],
+         large_top: Sequence[int]) -> str | None:
     """Why the entropy gate rejects a draft token here (a trace note), or None when it lets the usual test decide."""
     if h_small < p.entropy_threshold or h_large < p.entropy_threshold:
         return None

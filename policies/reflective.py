@@ -119,7 +119,8 @@ class ReflectiveVerification(DraftVerifyPolicy):
             qs = await session.score("small", ids, tokens, full_dists=True)
             probs = lambda x: sampling_probs(x, sp.temperature, sp.top_k, sp.top_p)  # noqa: E731
             pf = probs(f)
-            n, nxt = accept_reject(pf[:g], probs(torch.tensor(qs.dists)), tokens, None if ended else pf[g], session.generator())
+            q = probs(torch.tensor(qs.dists))
+            n, nxt = accept_reject(pf[:g], q, tokens, None if ended else pf[g], session.generator())
         if n < g:
             reject_draft(session, tokens[n:], f"reflective verification (alpha {p.alpha}, {p.fusion}) rejected")
         return n, nxt

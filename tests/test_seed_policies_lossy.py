@@ -314,3 +314,16 @@ async def test_policy_runs_records_and_meets_its_limit(pair, large_only, config,
         assert any(not s.accepted for r in results for s in r.segments)  # some tails go unverified
     limit = await solve(pair, f"arith/{config}", exact)
     assert [r.text for r in limit] == large_only
+
+
+async def test_spec_verification_with_a_companion_model(pair, large_only):
+    """The paper's setting on real models: a third (``mid``) worker scores each draft; here the small model itself."""
+    workers = {**pair, "mid": pair["small"]}
+    cfg = load_config("arith/spec-verification", [*SHORT, "policy.companion=mid", "models.mid.path=evals/arith/models/small"])
+    orch = Orchestrator(cfg, workers=workers)
+    try:
+        results = await orch.asolve_batch(PROBLEMS, concurrency=len(PROBLEMS))
+    finally:
+        await orch.aclose()
+    assert [r.text for r in results] == large_only  # lossless whatever the signals say
+    assert all(r.metrics.calls.get("mid", 0) > 0 and r.metrics.proposed > 0 for r in results)
