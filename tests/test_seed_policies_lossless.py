@@ -290,8 +290,9 @@ def models(request, engines):
             "large": engines(request.param, "large")}
 
 
-async def solve(models, config: str, overrides=None):
-    orch = Orchestrator(load_config(config, ["sampling.max_tokens=200", *(overrides or [])]), workers=models)
+async def solve(models, config: str, overrides=(), max_tokens: int = 80):
+    """Greedy runs, cut at ``max_tokens`` (a cut text must still equal LargeOnly's cut at the same budget)."""
+    orch = Orchestrator(load_config(config, [f"sampling.max_tokens={max_tokens}", *overrides]), workers=models)
     try:
         return await orch.asolve_batch(PROBLEMS, concurrency=len(PROBLEMS))
     finally:
@@ -300,7 +301,7 @@ async def solve(models, config: str, overrides=None):
 
 @pytest.mark.parametrize(("config", "overrides"), [
     ("hierarchical", []), ("multi-candidate", []), ("multi-candidate", ["policy.replacement=false"]),
-    ("pyramid", ["policy.tau_q=0", "policy.tau_t=0"]),
+    ("pyramid", ["policy.tau_q=0", "policy.tau_t=0", "policy.draft_tokens=1", "policy.qualifier_tokens=1"]),
 ], ids=["hierarchical", "multi-candidate", "multi-candidate-distinct", "pyramid-tau-0"])
 async def test_real_models_greedy_write_large_only_text(models, config, overrides):
     base = await solve(models, "arith/large-only")
@@ -313,7 +314,7 @@ async def test_real_models_greedy_write_large_only_text(models, config, override
 
 
 async def test_real_models_pyramid_solves_with_a_consistent_trace(models):
-    for r in await solve(models, "arith/pyramid"):
+    for r in await solve(models, "arith/pyramid", max_tokens=200):
         assert r.answer is not None and r.answer.lstrip("-").isdigit()
         assert r.text == "".join(g.text for g in r.segments if g.accepted)
         assert {g.author for g in r.segments} <= {"small", "mid", "large"}
