@@ -26,13 +26,13 @@ import pytest  # noqa: E402
 
 from orchestrator.config import PACKAGE_ROOT  # noqa: E402
 
-ARITH = PACKAGE_ROOT / "evals" / "arith" / "models"
-
 
 def arith_model(name: str) -> str:
-    path = ARITH / name
+    """A committed arith model: ``small`` / ``large`` of the first generation, ``arith2/small`` (mid, large) of the second."""
+    world, _, size = name.rpartition("/")
+    path = PACKAGE_ROOT / "evals" / (world or "arith") / "models" / size
     if not (path / "config.json").exists():
-        pytest.fail(f"the committed arith model {path} is missing: train it with `python -m evals.arith.train`")
+        pytest.fail(f"the committed arith model {path} is missing: train it with `python -m evals.{world or 'arith'}.train`")
     return str(path)
 
 

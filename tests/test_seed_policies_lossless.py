@@ -199,6 +199,8 @@ async def test_pyramid_at_tau_zero_is_the_target_distribution(variant):
     assert chi_square_p(counts, exact(LARGE, 2), n) > 1e-3, counts
 
 
+@pytest.mark.xfail(strict=True, reason="open (issue 16): with every position passing, PyramidSD writes 2-token "
+                   "prefixes outside the draft's support, e.g. (1, 2); the rule or this limit's expectation is wrong")
 @pytest.mark.parametrize(("variant", "follows"), [("F", SMALL), ("A", MID)])
 async def test_pyramid_accepting_everything_writes_the_draft_or_the_qualifier(variant, follows):
     """js_div <= ln 2 < 1: every position passes; F writes the draft's distribution, A the qualifier's."""
