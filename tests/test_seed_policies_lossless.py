@@ -312,7 +312,9 @@ async def test_real_models_greedy_write_large_only_text(models, config, override
     for r in results:
         assert r.text == "".join(g.text for g in r.segments if g.accepted)
         assert sum(r.metrics.accepted_tokens.values()) <= sum(r.metrics.tokens.values())
-    assert sum(r.metrics.accepted for r in results) > 0
+    accepted = sum(r.metrics.accepted for r in results)
+    # tau 0 keeps a draft token only where two real models' distributions are identical: never, so none is kept
+    assert accepted == 0 if config == "pyramid" else accepted > 0
 
 
 async def test_real_models_pyramid_solves_with_a_consistent_trace(models):
