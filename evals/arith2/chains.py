@@ -10,9 +10,16 @@ several steps, so a solution is long (the large style averages ~18 steps and
 ~415 tokens at the default difficulty, ~17 and ~370 in its greedy mode) and
 over 80% of its tokens are reflective.
 
-Two styles share one grammar:
+Three styles share one grammar:
 
 - ``LARGE`` re-checks almost every operation, whatever its difficulty;
+- ``CAREFUL`` (what the mid and large models learn) states each result, then
+  always double-checks it column by column, ones first, and verifies it by the
+  inverse operation; its injected slips are frequent, so that the double-check
+  is where the result is really computed: it ends "Good, the same." or corrects
+  the stated value ("..., not 65."), and every later step uses the corrected
+  value. Narrow models (width 96) trained on ``LARGE`` chains got one-shot sums
+  wrong in the tens digit (0.50 held-out accuracy); a column holds one digit fact;
 - ``SMALL`` hesitates and re-checks mostly where a small model errs: at
   operations with column carries/borrows or a large operand (``hardness``), and
   at the operation after a corrected error. Errors are injected more often at
@@ -36,7 +43,7 @@ from evals.arith.problems import ArithProblem
 from evals.arith.solutions import STEP_SEP, Step, corrupt
 
 __all__ = [
-    "LARGE", "REFLECTIVE", "SMALL", "STEP_SEP", "ChainStep", "ChainStyle", "ModalRandom", "chain", "chain_text", "hardness",
+    "CAREFUL", "LARGE", "REFLECTIVE", "SMALL", "STEP_SEP", "ChainStep", "ChainStyle", "ModalRandom", "chain", "chain_text", "hardness",
     "label_steps",
 ]
 
@@ -87,6 +94,11 @@ class ChainStyle:
 LARGE = ChainStyle(
     "large", verify=(0.9, 0.95, 1.0), hold_on=(0.0, 0.1, 0.2), double_check=(0.05, 0.1, 0.2),
     alternative=(0.2, 0.3, 0.6), error=(0.03, 0.06, 0.1), recheck_after_error=1.0, recap=1.0, backwards=0.6,
+    hesitation="Wait, let me double-check",
+)
+CAREFUL = ChainStyle(
+    "careful", verify=(0.9, 0.95, 1.0), hold_on=(0.0, 0.0, 0.0), double_check=(1.0, 1.0, 1.0),
+    alternative=(0.1, 0.2, 0.3), error=(0.2, 0.3, 0.4), recheck_after_error=1.0, recap=1.0, backwards=0.3,
     hesitation="Wait, let me double-check",
 )
 SMALL = ChainStyle(

@@ -6,11 +6,13 @@ first generation's training loop (`evals.arith.train.fit`: seeded, resumable fro
 ``OUT/.ckpt/NAME.pt``, tqdm bar, held-out evaluation logged to
 ``OUT/train-NAME.jsonl``, early stop on the validation split). The small model
 learns the ``SMALL`` chain style (hesitates where it errs), mid and large the
-``LARGE`` style. Each solution is tokenized *whole*, as the model will see its
+``CAREFUL`` style (every result double-checked column by column). Each solution is tokenized *whole*, as the model will see its
 own text, with loss on the assistant's tokens except those of injected wrong
 steps (`evals.arith2.chains`). Sizes: the large one is deep (a CPU decode step
 costs per layer at this scale, which gives the decode-time ratio) and narrow
 (to keep its training within budget); measured by `evals.arith2.speed`.
+The tokenizer is trained on ``SMALL`` and ``LARGE`` chains, whose phrases
+``CAREFUL`` shares, so the small model and tokenizer of the first try stay.
 
 The prompt judge (large model only), a route not tried before. Earlier ones
 (co-training on 25% synthetic judge examples, judge-heavy fine-tunes, re-weighted
@@ -54,7 +56,7 @@ from evals.arith.problems import ArithGenerator, ArithProblem, random_problem
 from evals.arith.train import (
     BOXED, TRAIN_MIX, ExampleEncoder, ModelSpec, build_model, collate, fit, greedy_texts, train_problem,
 )
-from evals.arith2.chains import LARGE, NOT_NUMBER, NUMBER, SMALL, STEP_SEP, ChainStep, ChainStyle, chain, chain_text, label_steps
+from evals.arith2.chains import CAREFUL, LARGE, NOT_NUMBER, NUMBER, SMALL, STEP_SEP, ChainStep, ChainStyle, chain, chain_text, label_steps
 from evals.arith2.tokenizer import build_tokenizer
 from orchestrator.prompting import user_message
 from policies.judge_prompt import DEFAULT_INSTRUCTION, DEFAULT_PREFILL
@@ -63,17 +65,18 @@ from policies.spec_thinking import SpecThinkingParams, classify
 DEFAULT_OUT = Path(__file__).parent / "models"
 MAX_NEW_TOKENS = 1024  # the longest large-style chains at the default difficulty are ~800 tokens
 
-# Measured by `evals.arith2.speed` (random weights, this CPU): a decode step costs ~0.6 ms plus ~0.2 ms per layer at
-# these widths, nearly independent of the width, so the decode-time ratio comes from depth (20 vs 2 layers: >= 4x)
-# and the large model is narrow to keep its training within budget. Head size 32 everywhere: vLLM's CPU attention
-# supports 32, 64, 80, 96, ... (not 24).
+# Measured by `evals.arith2.speed` (random weights, this CPU): a decode step costs ~0.5 ms plus ~0.25 ms per layer at
+# these widths, nearly independent of the width, so the decode-time ratio comes from depth (12 vs 2 layers: ~4.7x)
+# and the models are narrow to keep training within budget (CAREFUL chains average ~570 tokens). Head size 32
+# everywhere: vLLM's CPU attention supports 32, 64, 80, 96, ... (not 24). The first try, a 20-layer large model on
+# LARGE-style chains, reached 0.50 accuracy in 92 minutes: depth bought speed ratio, not arithmetic.
 SPECS = {
     "small": ModelSpec(layers=2, hidden=128, ffn=384, heads=4, judge_share=0.0, max_steps=1500, lr=2e-3, stop_at_val_acc=0.5),
-    "mid": ModelSpec(layers=7, hidden=96, ffn=256, heads=3, judge_share=0.0, max_steps=1500, lr=1.5e-3, stop_at_val_acc=0.8),
-    "large": ModelSpec(layers=20, hidden=96, ffn=256, heads=3, judge_share=0.25, max_steps=2000, lr=1e-3,
+    "mid": ModelSpec(layers=7, hidden=96, ffn=256, heads=3, judge_share=0.0, max_steps=1500, lr=2e-3, stop_at_val_acc=0.8),
+    "large": ModelSpec(layers=12, hidden=96, ffn=256, heads=3, judge_share=0.25, max_steps=1400, lr=1.5e-3,
                        stop_at_val_acc=0.95),
 }
-STYLES: dict[str, ChainStyle] = {"small": SMALL, "mid": LARGE, "large": LARGE}
+STYLES: dict[str, ChainStyle] = {"small": SMALL, "mid": CAREFUL, "large": CAREFUL}
 JUDGE_START, JUDGE_FULL = 0.3, 0.5  # curriculum: fractions of training where judge rows start and reach judge_share
 CUES = SpecThinkingParams()
 
