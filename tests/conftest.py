@@ -24,7 +24,16 @@ async def arith_small() -> AsyncIterator[Orchestrator]:
 
 import pytest  # noqa: E402
 
-from orchestrator.config import PACKAGE_ROOT  # noqa: E402
+from orchestrator.config import PACKAGE_ROOT, load_config  # noqa: E402
+
+
+async def solve_all(workers: dict, config: str, problems: list[str], overrides: list[str] | None = None) -> list:
+    """``problems`` solved at once under ``config`` on already-started ``workers`` (shared engines, not closed)."""
+    orch = Orchestrator(load_config(config, overrides), workers=workers)
+    try:
+        return await orch.asolve_batch(problems, concurrency=len(problems))
+    finally:
+        await orch.aclose()
 
 
 def arith_model(name: str) -> str:
