@@ -81,3 +81,22 @@ def test_growing_cache_layer_appends_in_place_and_never_writes_into_cached_kv() 
     assert torch.equal(k, torch.cat(keys, dim=-2))  # what concatenation would give
     assert len(buffers) == 2 and layer.get_seq_length() == 5 + GrowingLayer.HEADROOM + 10
     assert torch.equal(cached[0][0], before)  # the cached entry it started from is untouched
+
+
+async def test_a_finished_row_is_answered_while_its_round_decodes(engines: Any) -> None:
+    """Continuous batching: a generation that finishes is returned at once, not when its round ends. The engine
+    used to answer rows only then, up to 4 x ``round_steps`` steps later when nothing else waits, so a caller's
+    next request waited on its batch's longest row."""
+    from orchestrator.prompting import prompt_ids, to_messages
+
+    worker = engines("hf", "arith2/small")  # its chains run ~250 tokens
+    ids = [prompt_ids(worker.tokenizer, to_messages(p)) for p in ("53 + 51 - 6 + 20 - 99", "12 + 34")]
+    long = asyncio.create_task(worker.generate(ids[0], GenParams(max_tokens=300)))
+    while worker._stats.forward_passes < 3:  # the long one is decoding
+        await asyncio.sleep(0.005)
+    before = (await worker.stats()).forward_passes
+    short = await worker.generate(ids[1], GenParams(max_tokens=2))
+    passes = (await worker.stats()).forward_passes - before
+    # it joins at the next round boundary (<= round_steps), then one prefill and one decode step
+    assert len(short.token_ids) == 2 and passes <= worker.round_steps + 3 and not long.done(), passes
+    assert len((await long).token_ids) > 4 * worker.round_steps

@@ -10,6 +10,9 @@ queued to it; it serves them in shared forward passes:
 - **decode rounds**: active generations are stacked into one batched KV cache and
   decoded together for up to ``round_steps`` steps, or until all stop; new
   arrivals join at the next round, so stacking costs are paid once per round.
+  A row that finishes is answered at once (its KV sliced out of the round's
+  cache), not at the round's end: its caller's next request is queued while
+  the others decode, and it ends the round after ``round_steps``.
 
 Finished sequences leave their KV in the prefix cache, so the next call of the
 same session (the next reasoning step, a judge prompt over the same context)
@@ -115,14 +118,18 @@ def stack_kv(kvs: list[KV | None], width: int) -> Cache:
     return growing_cache(layers)
 
 
-def unstack_kv(cache: Cache, mask: torch.Tensor) -> list[KV]:
-    """Each row's own cache out of a batched one: the positions its mask keeps (padding and holes dropped)."""
+def unstack_kv(cache: Cache, mask: torch.Tensor, rows: list[int] | None = None, row: int | None = None) -> list[KV]:
+    """Rows' own caches out of a batched one: the positions each mask row keeps (padding and holes dropped).
+
+    ``mask`` has one row per cache row, or (with ``rows``, or one ``row``) one per cache row taken.
+    """
     layers = cache.layers
-    if mask.shape[0] == 1 and bool(mask.all()):
+    picked = rows if rows is not None else [row] if row is not None else list(range(mask.shape[0]))
+    if layers[0].keys.shape[0] == 1 and bool(mask.all()):
         return [[(lay.keys, lay.values) for lay in layers]]
     out = []
-    for i in range(mask.shape[0]):
-        keep = mask[i].bool().to(layers[0].keys.device)
+    for m, i in zip(mask, picked):
+        keep = m.bool().to(layers[0].keys.device)
         out.append([(lay.keys[i : i + 1][:, :, keep], lay.values[i : i + 1][:, :, keep]) for lay in layers])
     return out
 
@@ -218,6 +225,7 @@ class HFWorker:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._pending: set[_Request] = set()  # submitted, not answered yet: failed by close
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (the stop-string pre-check)
         self.speculator = None
         if speculative is not None and getattr(speculative, "method", None):
             from workers.hf_speculation import make_speculator
@@ -583,7 +591,21 @@ class HFWorker:
             r.done, r.finish = True, ("length", None)
         return tok
 
+    def _piece(self, tok: int) -> str:
+        piece = self._pieces.get(tok)
+        if piece is None:
+            piece = self._pieces[tok] = self.tokenizer.decode([tok], skip_special_tokens=True)
+        return piece
+
     def _stop_hit(self, r: _Request) -> str | None:
+        """The stop string the last token completes, if any.
+
+        A stop string not found before this token can only be completed by it, so the tail is decoded only
+        when the token's own text holds a stop string's last character (or part of a multi-byte one).
+        """
+        piece = self._piece(r.generated[-1])
+        if "\ufffd" not in piece and not any(s[-1] in piece for s in r.params.stop if s):
+            return None
         longest = max(len(s) for s in r.params.stop)
         tail = self.tokenizer.decode(r.generated[-(longest + 2) :], skip_special_tokens=True)
         hits = [s for s in r.params.stop if s in tail]
@@ -655,28 +677,27 @@ class HFWorker:
                 lengths[i] += emitted
             now = time.perf_counter()
             for i, r in enumerate(active):  # the step (the round's stacking with the first) counts for rows in it
-                if alive[i]:
-                    r.clock.decode_s += now - t_step
+                if not alive[i]:
+                    continue
+                r.clock.decode_s += now - t_step
                 if r.done or r.cancelled:
                     alive[i] = False
+                    if r.done and not r.cancelled:  # answered now: its caller need not wait for the round
+                        r.kv = unstack_kv(cache, mask[i : i + 1], row=i)[0]
+                        self._finish(r)
             t_step = now
             steps += 1
             if (not any(alive) or (steps >= self.round_steps and not self._queue.empty())
                     or steps >= 4 * self.round_steps or self._closed):
                 break
-        still = []
-        kvs = unstack_kv(cache, mask)
-        spent = time.perf_counter() - t_step  # taking each row's KV out of the round's cache is its own work
-        for r, kv in zip(active, kvs):
-            r.kv = kv
-            r.clock.decode_s += spent
-            if r.cancelled:
-                continue
-            if r.done:
-                self._finish(r)
-            else:
-                still.append(r)
-        return still
+        still = [i for i in range(B) if alive[i]]
+        t0 = time.perf_counter()  # taking each row's KV out of the round's cache is its own work
+        kvs = unstack_kv(cache, mask[still], rows=still) if still else []
+        spent = time.perf_counter() - t0
+        for i, kv in zip(still, kvs):
+            active[i].kv = kv
+            active[i].clock.decode_s += spent
+        return [active[i] for i in still]
 
     def run_sync(self, reqs: list[_Request]) -> None:
         """Serve ``reqs`` to completion in the calling thread (a draft model inside another worker's engine)."""
