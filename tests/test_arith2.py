@@ -76,23 +76,20 @@ def test_large_chains_are_long_and_mostly_reflective(tok, problems, rng):
 
 
 @pytest.mark.parametrize("rng", [random.Random(1), ModalRandom(1)], ids=["sampled", "greedy-modal"])
-def test_careful_chains_double_check_every_result_column_by_column(tok, problems, rng):
-    """What the mid and large models learn: every stated result is recomputed digit by digit, and the value the
-    column work gives is the one carried forward (a stated slip is corrected), so no step leans on a one-shot sum."""
+def test_careful_chains_work_every_operation_column_by_column(tok, problems, rng):
+    """What the mid and large models learn: no result is stated before its column work, so none leans on a
+    one-shot sum (or on copying a stated one into the columns)."""
     chains = [chain(p, rng, CAREFUL) for p in problems]
     mean_tokens = sum(len(tok.encode(chain_text(c))) for c in chains) / len(chains)
     assert mean_tokens >= 200 and sum(map(len, chains)) / len(chains) >= 15
     reflective = sum(len(tok.encode(s.text)) for c in chains for s in c if s.kind in REFLECTIVE)
-    assert reflective / sum(len(tok.encode(s.text)) for c in chains for s in c) > 0.6
+    assert reflective / sum(len(tok.encode(s.text)) for c in chains for s in c) > 0.4
     for p, c in zip(problems, chains):
-        for k, s in enumerate(c):
-            if s.kind in ("op", "wrong"):
-                follow = c[k + 1]
-                assert follow.kind == ("correction" if s.kind == "wrong" else "double_check"), (s.text, follow.text)
-                assert follow.text.startswith("Wait, let me double-check") and "Ones: " in follow.text
-        assert all(label_steps(p, [s.text for s in c if s.correct]))
-    wrong = sum(s.kind == "wrong" for c in chains for s in c)
-    assert (wrong == 0) is isinstance(rng, ModalRandom)  # slips are trained around, never written greedily
+        kinds = [s.kind for s in c]
+        assert "op" not in kinds and "wrong" not in kinds
+        assert kinds.count("careful") == kinds.count("hold_on") == len(p.ops)
+        assert all(kinds[k - 1] == "hold_on" for k, kind in enumerate(kinds) if kind == "careful")
+        assert all(label_steps(p, [s.text for s in c]))
 
 
 def test_cue_words_follow_the_step_separator(problems):

@@ -13,13 +13,14 @@ over 80% of its tokens are reflective.
 Three styles share one grammar:
 
 - ``LARGE`` re-checks almost every operation, whatever its difficulty;
-- ``CAREFUL`` (what the mid and large models learn) states each result, then
-  always double-checks it column by column, ones first, and verifies it by the
-  inverse operation; its injected slips are frequent, so that the double-check
-  is where the result is really computed: it ends "Good, the same." or corrects
-  the stated value ("..., not 65."), and every later step uses the corrected
-  value. Narrow models (width 96) trained on ``LARGE`` chains got one-shot sums
-  wrong in the tens digit (0.50 held-out accuracy); a column holds one digit fact;
+- ``CAREFUL`` (what the mid and large models learn) announces every operation
+  ("Hold on, 54 + 56 needs 2 carries, so let me go column by column.") and
+  works it out column by column, ones first, before it states the result, then
+  verifies it by the inverse operation. Nothing is computed in one shot: narrow
+  models (width 96) trained on ``LARGE`` chains got one-shot sums wrong in the
+  tens digit (0.50 held-out accuracy), and a style that states a one-shot result
+  before double-checking it taught them to copy the stated digits into the
+  columns (a column holds one digit fact only if nothing above it gives the answer);
 - ``SMALL`` hesitates and re-checks mostly where a small model errs: at
   operations with column carries/borrows or a large operand (``hardness``), and
   at the operation after a corrected error. Errors are injected more often at
@@ -97,8 +98,8 @@ LARGE = ChainStyle(
     hesitation="Wait, let me double-check",
 )
 CAREFUL = ChainStyle(
-    "careful", verify=(0.9, 0.95, 1.0), hold_on=(0.0, 0.0, 0.0), double_check=(1.0, 1.0, 1.0),
-    alternative=(0.1, 0.2, 0.3), error=(0.2, 0.3, 0.4), recheck_after_error=1.0, recap=1.0, backwards=0.3,
+    "careful", verify=(0.9, 0.95, 1.0), hold_on=(1.0, 1.0, 1.0), double_check=(0.0, 0.0, 0.0),
+    alternative=(0.1, 0.2, 0.3), error=(0.0, 0.0, 0.0), recheck_after_error=1.0, recap=1.0, backwards=0.3,
     hesitation="Wait, let me double-check",
 )
 SMALL = ChainStyle(
@@ -172,7 +173,9 @@ def hold_on(a: int, op: str, b: int) -> str:
     if n:
         what = ("a carry" if n == 1 else f"{n} carries") if op == "+" else ("a borrow" if n == 1 else f"{n} borrows")
         return f"Hold on, {a} {op} {b} needs {what}, so let me go column by column."
-    return f"Hold on, {b} is a large number, so let me go column by column."
+    if b >= 40:
+        return f"Hold on, {b} is a large number, so let me go column by column."
+    return f"Let me work out {a} {op} {b} column by column."
 
 
 def careful(a: int, op: str, b: int) -> str:

@@ -73,7 +73,7 @@ MAX_NEW_TOKENS = 1024  # the longest large-style chains at the default difficult
 SPECS = {
     "small": ModelSpec(layers=2, hidden=128, ffn=384, heads=4, judge_share=0.0, max_steps=1500, lr=2e-3, stop_at_val_acc=0.5),
     "mid": ModelSpec(layers=7, hidden=96, ffn=256, heads=3, judge_share=0.0, max_steps=1500, lr=2e-3, stop_at_val_acc=0.8),
-    "large": ModelSpec(layers=12, hidden=96, ffn=256, heads=3, judge_share=0.25, max_steps=1400, lr=1.5e-3,
+    "large": ModelSpec(layers=12, hidden=96, ffn=256, heads=3, judge_share=0.25, max_steps=1300, lr=1.5e-3,
                        stop_at_val_acc=0.95),
 }
 STYLES: dict[str, ChainStyle] = {"small": SMALL, "mid": CAREFUL, "large": CAREFUL}
