@@ -118,13 +118,13 @@ def stack_kv(kvs: list[KV | None], width: int) -> Cache:
     return growing_cache(layers)
 
 
-def unstack_kv(cache: Cache, mask: torch.Tensor, rows: list[int] | None = None, row: int | None = None) -> list[KV]:
+def unstack_kv(cache: Cache, mask: torch.Tensor, rows: list[int] | None = None) -> list[KV]:
     """Rows' own caches out of a batched one: the positions each mask row keeps (padding and holes dropped).
 
-    ``mask`` has one row per cache row, or (with ``rows``, or one ``row``) one per cache row taken.
+    ``rows``: the cache rows to take, one per mask row (default: all of them, in order).
     """
     layers = cache.layers
-    picked = rows if rows is not None else [row] if row is not None else list(range(mask.shape[0]))
+    picked = rows if rows is not None else range(mask.shape[0])
     if layers[0].keys.shape[0] == 1 and bool(mask.all()):
         return [[(lay.keys, lay.values) for lay in layers]]
     out = []
@@ -683,7 +683,7 @@ class HFWorker:
                 if r.done or r.cancelled:
                     alive[i] = False
                     if r.done and not r.cancelled:  # answered now: its caller need not wait for the round
-                        r.kv = unstack_kv(cache, mask[i : i + 1], row=i)[0]
+                        r.kv = unstack_kv(cache, mask[i : i + 1], rows=[i])[0]
                         self._finish(r)
             t_step = now
             steps += 1

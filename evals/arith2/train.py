@@ -6,7 +6,7 @@ first generation's training loop (`evals.arith.train.fit`: seeded, resumable fro
 ``OUT/.ckpt/NAME.pt``, tqdm bar, held-out evaluation logged to
 ``OUT/train-NAME.jsonl``, early stop on the validation split). The small model
 learns the ``SMALL`` chain style (hesitates where it errs), mid and large the
-``CAREFUL`` style (every result double-checked column by column). Each solution is tokenized *whole*, as the model will see its
+``CAREFUL`` style (every operation worked column by column before its result). Each solution is tokenized *whole*, as the model will see its
 own text, with loss on the assistant's tokens except those of injected wrong
 steps (`evals.arith2.chains`). Sizes: the large one is deep (a CPU decode step
 costs per layer at this scale, which gives the decode-time ratio) and narrow
@@ -67,7 +67,7 @@ MAX_NEW_TOKENS = 1024  # the longest large-style chains at the default difficult
 
 # Measured by `evals.arith2.speed` (random weights, this CPU): a decode step costs ~0.5 ms plus ~0.25 ms per layer at
 # these widths, nearly independent of the width, so the decode-time ratio comes from depth (12 vs 2 layers: ~4.7x)
-# and the models are narrow to keep training within budget (CAREFUL chains average ~570 tokens). Head size 32
+# and the models are narrow to keep training within budget (CAREFUL chains average ~530 tokens). Head size 32
 # everywhere: vLLM's CPU attention supports 32, 64, 80, 96, ... (not 24). The first try, a 20-layer large model on
 # LARGE-style chains, reached 0.50 accuracy in 92 minutes: depth bought speed ratio, not arithmetic. The shipped
 # large model ran 1050 steps under a 1300-step schedule, then resumed to 1700 (``--max-steps 1700``).
