@@ -15,7 +15,8 @@ from evals.arith.problems import ArithGenerator, split_of
 from evals.arith.train import train_problem
 from evals.arith2 import train as t2
 from evals.arith2.chains import (
-    CAREFUL, LARGE, REFLECTIVE, SMALL, STEP_SEP, ChainStep, ChainStyle, ModalRandom, chain, chain_text, hardness, label_steps,
+    CAREFUL, LARGE, REFLECTIVE, SMALL, STEP_SEP, ChainStep, ChainStyle, ModalRandom, chain, chain_text, handoff_chain, hardness,
+    label_steps,
 )
 from policies.judge_prompt import judge_suffix_text
 from policies.spec_thinking import classify
@@ -142,6 +143,27 @@ def test_corrections_are_carried_forward_and_wrong_steps_are_not_trained(problem
                     assert later[0].text.startswith(f"With the corrected value, we have {value}.")
                     corrected += 1
     assert corrected > 10
+
+
+def test_handoff_chains_continue_where_the_small_prefix_stopped(problems):
+    """The large model's second-stage rows: SMALL text (not trained on), then CAREFUL steps picking up exactly
+    there: every operation restated once, a prefix ending in a wrong step corrected in CAREFUL's words."""
+    rng = random.Random(13)
+    cut_kinds = set()
+    for p in problems:
+        c = handoff_chain(p, rng)
+        cut = next(k for k, s in enumerate(c) if s.trainable)
+        assert not any(s.trainable for s in c[:cut]) and all(s.trainable for s in c[cut:])
+        cut_kinds.add(c[cut - 1].kind)
+        assert all(label_steps(p, [s.text for s in c if s.kind != "wrong"]))
+        assert c[-1].text == f"So the final answer is \\boxed{{{p.answer}}}."
+        assert [s.op for s in c if s.kind == "restate"] == list(range(len(p.ops)))
+        assert not any(s.kind == "op" for s in c[cut:])  # the continuation works every operation column by column
+        if c[cut - 1].kind == "wrong":
+            assert c[cut].kind == "correction" and c[cut].text.startswith(CAREFUL.hesitation)
+            later = [s for s in c[cut:] if s.kind == "restate"]
+            assert not later or later[0].text.startswith("With the corrected value")
+    assert {"intro", "restate", "op", "wrong", "verify"} <= cut_kinds
 
 
 def test_labels_are_exact(problems):
@@ -276,3 +298,20 @@ def test_large_smoke_run_judges_the_small_models_steps(tmp_path: Path, one_threa
     info = t2.train("large", tmp_path, **args)
     assert info["judge_pool"].endswith("(on-policy)") and "judge_auroc" in info["test"]
     assert "judge rows ramp to 25%" in (tmp_path / "large" / "README.md").read_text()
+
+
+def test_handoff_stage_continues_the_trained_model(tmp_path: Path, one_thread):
+    """``--handoff`` starts from the folder's weights, and its card and history keep both stages."""
+    args = dict(minutes=2.0, batch_size=2, seed=0, eval_every=1, ckpt_every=1, max_steps=1, device=torch.device("cpu"),
+                val_n=2, test_n=2, pool_n=4, max_new_tokens=24)
+    t2.train("small", tmp_path, **args)
+    t2.train("large", tmp_path, **args)
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "large").state_dict()
+    info = t2.train("large", tmp_path, **args, handoff=True)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "large").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert info["handoff"]["steps"] == 1 and info["first_stage"]["steps"] == 1 and "handoff_accuracy" in info["test"]
+    record = json.loads((tmp_path / "large" / "training.json").read_text())
+    assert set(record["history"]) == {"first_stage", "handoff"}
+    assert "val_handoff_accuracy" in record["history"]["handoff"][0]
+    assert "then the handoff stage (`--handoff`)" in (tmp_path / "large" / "README.md").read_text()

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from evals.arith.problems import ArithProblem
 from evals.arith.solutions import STEP_SEP, Step, corrupt
 
 __all__ = [
-    "CAREFUL", "LARGE", "REFLECTIVE", "SMALL", "STEP_SEP", "ChainStep", "ChainStyle", "ModalRandom", "chain", "chain_text", "hardness",
+    "CAREFUL", "LARGE", "REFLECTIVE", "SMALL", "STEP_SEP", "ChainStep", "ChainStyle", "ModalRandom", "chain", "chain_text",
+    "handoff_chain", "hardness",
     "label_steps",
 ]
 
@@ -70,6 +71,7 @@ class ChainStep(Step):
 
     kind: str = ""
     hard: int = 0
+    op: int = -1  # index of the operation the step works on; -1 before the first, len(ops) for the closing steps
 
 
 @dataclass(frozen=True)
@@ -239,31 +241,71 @@ def chain(problem: ArithProblem, rng: random.Random, style: ChainStyle = LARGE) 
     for i, (op, b) in enumerate(problem.ops):
         h = hardness(cur, op, b)
         res = apply(cur, op, b)
-        steps.append(ChainStep(restate(cur, op, b, i == 0, corrected), True, kind="restate", hard=h))
+        at = {"hard": h, "op": i}
+        steps.append(ChainStep(restate(cur, op, b, i == 0, corrected), True, kind="restate", **at))
         after_error, corrected = corrected, False
         if rng.random() < style.hold_on[h]:
-            steps.append(ChainStep(hold_on(cur, op, b), True, kind="hold_on", hard=h))
-            steps.append(ChainStep(careful(cur, op, b), True, kind="careful", hard=h))
+            steps.append(ChainStep(hold_on(cur, op, b), True, kind="hold_on", **at))
+            steps.append(ChainStep(careful(cur, op, b), True, kind="careful", **at))
         elif rng.random() < style.error[h] and (wrong := corrupt(rng, cur, op, b, problem)).rsplit(" ", 1)[1] != str(res):
-            steps.append(ChainStep(wrong + ".", False, trainable=False, kind="wrong", hard=h))
+            steps.append(ChainStep(wrong + ".", False, trainable=False, kind="wrong", **at))
             fix = double_check(cur, op, b, int(wrong.rsplit(" ", 1)[1]), style.hesitation)
-            steps.append(ChainStep(fix, True, kind="correction", hard=h))
+            steps.append(ChainStep(fix, True, kind="correction", **at))
             corrected = True
         else:  # (a slip that lands on the right value is no error)
-            steps.append(ChainStep(f"{cur} {op} {b} = {res}.", True, kind="op", hard=h))
+            steps.append(ChainStep(f"{cur} {op} {b} = {res}.", True, kind="op", **at))
             if rng.random() < style.double_check[h]:
-                steps.append(ChainStep(double_check(cur, op, b, opening=style.hesitation), True, kind="double_check", hard=h))
+                steps.append(ChainStep(double_check(cur, op, b, opening=style.hesitation), True, kind="double_check", **at))
         if rng.random() < max(style.verify[h], style.recheck_after_error if (after_error or corrected) else 0.0):
-            steps.append(ChainStep(verify(cur, op, b), True, kind="verify", hard=h))
+            steps.append(ChainStep(verify(cur, op, b), True, kind="verify", **at))
         if rng.random() < style.alternative[h]:
-            steps.append(ChainStep(alternative(cur, op, b), True, kind="alternative", hard=h))
+            steps.append(ChainStep(alternative(cur, op, b), True, kind="alternative", **at))
         cur = res
+    end = len(problem.ops)
     if rng.random() < style.recap:
-        steps.append(ChainStep(recap(problem), True, kind="recap"))
+        steps.append(ChainStep(recap(problem), True, kind="recap", op=end))
     if rng.random() < style.backwards:
-        steps.append(ChainStep(backwards(problem), True, kind="backwards"))
-    steps.append(ChainStep(answer(cur), True, kind="answer"))
+        steps.append(ChainStep(backwards(problem), True, kind="backwards", op=end))
+    steps.append(ChainStep(answer(cur), True, kind="answer", op=end))
     return steps
+
+
+#: where a continuation resumes within the operation the prefix's last step works on: after these kinds, the
+#: operation's own steps of these kinds are still to come (any other kind: the next operation starts)
+RESUME = {"restate": ("hold_on", "careful", "verify", "alternative"), "hold_on": ("careful", "verify", "alternative"),
+          "op": ("verify", "alternative"), "careful": ("verify", "alternative"),
+          "double_check": ("verify", "alternative"), "correction": ("verify", "alternative"),
+          "wrong": ("verify", "alternative")}
+
+
+def handoff_chain(problem: ArithProblem, rng: random.Random, prefix: ChainStyle = SMALL,
+                  style: ChainStyle = CAREFUL) -> list[ChainStep]:
+    """A solution begun in ``prefix`` style, cut at a random step boundary and continued in ``style``.
+
+    This is the text a large model meets in the mixing policies (a SpecReason rewrite, a Speculative Thinking
+    takeover, a consultant's correction): another writer's steps, then its own. The prefix is not trained on
+    (a model learns to continue such text, not to write it); the continuation picks up exactly where the prefix
+    stopped: the rest of the operation it was in, and a correction in ``style``'s words when the prefix
+    ended with a wrong step (the next step then restates the corrected value). Cuts fall before the
+    closing steps; the operation values agree because ``style`` here injects no errors of its own.
+    """
+    head = chain(problem, rng, prefix)
+    tail = chain(problem, rng, style)
+    last_op = max(k for k, s in enumerate(head) if s.op < len(problem.ops))
+    cut = rng.randint(1, last_op + 1)
+    prev = head[cut - 1]
+    resume = RESUME.get(prev.kind, ())
+    rest = [s for s in tail if s.op > prev.op or (s.op == prev.op and s.kind in resume)]
+    if prev.kind == "wrong":
+        cur = ([problem.start] + problem.values())[prev.op]
+        op, b = problem.ops[prev.op]
+        fix = double_check(cur, op, b, int(prev.text.rstrip(".").rsplit(" ", 1)[1]), style.hesitation)
+        rest.insert(0, ChainStep(fix, True, kind="correction", hard=prev.hard, op=prev.op))
+        k = next((k for k, s in enumerate(rest) if s.kind == "restate"), None)
+        if k is not None:
+            s, value = rest[k], ([problem.start] + problem.values())[rest[k].op]
+            rest[k] = replace(s, text=restate(value, *problem.ops[s.op], first=False, corrected=True))
+    return [replace(s, trainable=False) for s in head[:cut]] + rest
 
 
 def chain_text(steps: list[ChainStep]) -> str:

@@ -45,7 +45,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,7 +56,9 @@ from evals.arith.problems import ArithGenerator, ArithProblem, random_problem
 from evals.arith.train import (
     BOXED, TRAIN_MIX, ExampleEncoder, ModelSpec, build_model, collate, fit, greedy_texts, train_problem,
 )
-from evals.arith2.chains import CAREFUL, LARGE, NOT_NUMBER, NUMBER, SMALL, STEP_SEP, ChainStep, ChainStyle, chain, chain_text, label_steps
+from evals.arith2.chains import (
+    CAREFUL, LARGE, NOT_NUMBER, NUMBER, SMALL, STEP_SEP, ChainStep, ChainStyle, chain, chain_text, handoff_chain, label_steps,
+)
 from evals.arith2.tokenizer import build_tokenizer
 from orchestrator.prompting import user_message
 from policies.judge_prompt import DEFAULT_INSTRUCTION, DEFAULT_PREFILL
@@ -78,6 +80,25 @@ SPECS = {
                        stop_at_val_acc=0.95),
 }
 STYLES: dict[str, ChainStyle] = {"small": SMALL, "mid": CAREFUL, "large": CAREFUL}
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The second stage (``--handoff``): the trained model continues training on handoff rows.
+
+    Trained on its own style only, the large model fails on text the small one began (Speculative Thinking
+    0/30, SpecReason with the prompt judge 2/30 on arith2): it has never seen a SMALL-style step before its
+    own. This stage starts from the shipped weights, warms up again to ``lr`` and mixes ``share`` of the
+    solution rows as `chains.handoff_chain` (a SMALL prefix, not trained on, continued in the model's style),
+    judge rows at their full share from the start.
+    """
+
+    steps: int
+    lr: float
+    share: float
+
+
+HANDOFF = {"large": Handoff(steps=1200, lr=1e-3, share=0.5)}
 JUDGE_START, JUDGE_FULL = 0.3, 0.5  # curriculum: fractions of training where judge rows start and reach judge_share
 CUES = SpecThinkingParams()
 
@@ -115,9 +136,9 @@ class Candidate:
 class ChainEncoder(ExampleEncoder):
     """Solutions tokenized whole (merges across step boundaries as at inference) and judge rows."""
 
-    def __init__(self, tok: PreTrainedTokenizerFast, style: ChainStyle):
+    def __init__(self, tok: PreTrainedTokenizerFast, style: ChainStyle, handoff: float = 0.0):
         super().__init__(tok)
-        self.style = style
+        self.style, self.handoff = style, handoff
 
     def steps(self, problem: ArithProblem, steps: list[ChainStep]) -> tuple[list[int], list[int]]:
         text = chain_text(steps)
@@ -135,6 +156,8 @@ class ChainEncoder(ExampleEncoder):
         return prompt + body, [-100] * len(prompt) + labels + [self.tok.eos_token_id]
 
     def solution(self, problem: ArithProblem, rng: random.Random) -> tuple[list[int], list[int]]:
+        if self.handoff and rng.random() < self.handoff:
+            return self.steps(problem, handoff_chain(problem, rng, SMALL, self.style))
         return self.steps(problem, chain(problem, rng, self.style))
 
     def judge_row(self, c: Candidate) -> tuple[list[int], list[int]]:
@@ -178,7 +201,9 @@ def twin(c: Candidate, rng: random.Random, tries: int = 8) -> Candidate | None:
     return None
 
 
-def judge_share(spec: ModelSpec, step: int, total: int) -> float:
+def judge_share(spec: ModelSpec, step: int, total: int, curriculum: bool = True) -> float:
+    if not curriculum:
+        return spec.judge_share
     return spec.judge_share * min(1.0, max(0.0, (step / total - JUDGE_START) / (JUDGE_FULL - JUDGE_START)))
 
 
@@ -207,9 +232,9 @@ class Batches:
     """
 
     def __init__(self, enc: ChainEncoder, spec: ModelSpec, seed: str, size: int, total: int, pool: list[Candidate],
-                 device: torch.device, group: int = 8):
+                 device: torch.device, group: int = 8, curriculum: bool = True):
         self.enc, self.spec, self.seed, self.size, self.total, self.pool = enc, spec, seed, size, total, pool
-        self.device, self.group = device, group
+        self.device, self.group, self.curriculum = device, group, curriculum
         self._cached: tuple[int, list[tuple[Item, list[bool]]]] | None = None
 
     def item(self, rng: random.Random, share: float) -> tuple[Item, list[bool]]:
@@ -222,7 +247,7 @@ class Batches:
     def draw_group(self, g: int) -> list[tuple[Item, list[bool]]]:
         """``group`` batches of about ``size`` rows: solutions sorted by length, judge pairs dealt out evenly."""
         rng = random.Random(f"{self.seed}/{g}")
-        share = judge_share(self.spec, g * self.group, self.total) if self.pool else 0.0
+        share = self.share(g)
         items: list[tuple[Item, list[bool]]] = []
         while sum(len(rows) for rows, _ in items) < self.size * self.group:
             items.append(self.item(rng, share))
@@ -249,8 +274,11 @@ class Batches:
         b = collate(rows, self.enc.tok.pad_token_id)
         b["judge_rows"] = torch.tensor(judged)
         b = {k: v.to(self.device) for k, v in b.items()}
-        b["judge_weight"] = torch.tensor(judge_share(self.spec, g * self.group, self.total) if self.pool else 0.0)
+        b["judge_weight"] = torch.tensor(self.share(g))
         return b
+
+    def share(self, g: int) -> float:
+        return judge_share(self.spec, g * self.group, self.total, self.curriculum) if self.pool else 0.0
 
 
 @torch.no_grad()
@@ -275,9 +303,30 @@ def cue_rate(tok: PreTrainedTokenizerFast, steps: list[str], n1: int = 20) -> fl
     return sum(classify(p, CUES) != "statement" for p in probes) / max(1, len(probes))
 
 
+def handoff_prefixes(problems: list[ArithProblem], small_texts: list[str]) -> list[str]:
+    """Where a large model takes over the small model's own solution: before its first wrong step (the step a
+    judge rejects, a consultant corrects), or halfway through a solution without one."""
+    prefixes = []
+    for p, text in zip(problems, small_texts):
+        steps = text.split(STEP_SEP)
+        labels = label_steps(p, steps)
+        k = labels.index(False) if False in labels else len(steps) // 2
+        prefixes.append(STEP_SEP.join(steps[:k]) + STEP_SEP if k else "")
+    return prefixes
+
+
+def handoff_accuracy(model: LlamaForCausalLM, enc: ChainEncoder, problems: list[ArithProblem], prefixes: list[str],
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> float:
+    """Greedy accuracy of ``model`` finishing solutions the small model began (`handoff_prefixes`)."""
+    texts = greedy_texts(model, enc.tok, [enc.prompt(p) + enc.enc(pre) for p, pre in zip(problems, prefixes)],
+                         max_new_tokens)
+    return sum(bool(m := BOXED.findall(t)) and int(m[-1]) == p.answer for p, t in zip(problems, texts)) / len(problems)
+
+
 def evaluate(model: LlamaForCausalLM, enc: ChainEncoder, problems: list[ArithProblem], judged: list[Candidate],
-             max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
-    """Greedy accuracy, chain length (tokens, steps), cue rates; judge AUROC when the model judges.
+             max_new_tokens: int = MAX_NEW_TOKENS, prefixes: list[str] | None = None) -> dict:
+    """Greedy accuracy, chain length (tokens, steps), cue rates; judge AUROC when the model judges; accuracy
+    finishing the small model's solutions when ``prefixes`` are given (`handoff_prefixes`).
 
     ``cue_after_wrong`` / ``cue_after_correct``: how often the step after a wrong / a correct step (exact
     labels, up to a solution's first error) opens with a Speculative Thinking cue, the issue's target for the
@@ -301,6 +350,8 @@ def evaluate(model: LlamaForCausalLM, enc: ChainEncoder, problems: list[ArithPro
            "correct_steps": len(after[True])}
     if judged:
         out["judge_auroc"] = auroc(judge_scores(model, enc, judged), [c.ok for c in judged])
+    if prefixes:
+        out["handoff_accuracy"] = handoff_accuracy(model, enc, problems, prefixes, max_new_tokens)
     return out
 
 
@@ -313,6 +364,17 @@ def write_card(path: Path, name: str, spec: ModelSpec, n_params: int, info: dict
     test = info["test"]
     judged = (f"; prompt-judge AUROC {test['judge_auroc']:.3f} on test-split steps written by the small model"
               if "judge_auroc" in test else "")
+    first = info.get("first_stage", info)
+    budget = (f"{first['steps']} steps of batch {first['batch_size']} in {first['train_minutes']:.1f} minutes on "
+              f"{first['device']}, AdamW lr {spec.lr} with warmup and cosine decay; stopped: {first['stop_reason']}")
+    if h := info.get("handoff"):
+        budget += (f"; then the handoff stage (`--handoff`): {h['steps']} steps at lr {h['lr']} (warmup, cosine), "
+                   f"{h['share']:.0%} of solution rows begun by a SMALL-style prefix (not trained on), judge rows at "
+                   f"their full share, {info['handoff_minutes']:.1f} minutes on {info['device']}; stopped: "
+                   f"{info['stop_reason']}")
+    if "handoff_accuracy" in test:
+        judged += (f"; finishing the small model's own solutions from before its first wrong step (halfway when "
+                   f"it has none): accuracy {test['handoff_accuracy']:.3f}")
     card = f"""# arith2-{name}
 
 {role}, of the reasonspec `arith` world (second generation), trained from scratch by
@@ -323,8 +385,7 @@ def write_card(path: Path, name: str, spec: ModelSpec, n_params: int, info: dict
 - data: an endless seeded stream of train-split problems (mix {TRAIN_MIX}), R1-shaped chains in the
   `{STYLES[name].name}` style (`evals/arith2/chains.py`), tokenized whole; injected wrong steps are not trained on;
   {judge}
-- budget: {info['steps']} steps of batch {info['batch_size']} in {info['train_minutes']:.1f} minutes on {info['device']},
-  AdamW lr {spec.lr} with warmup and cosine decay; stopped: {info['stop_reason']}
+- budget: {budget}
 - held-out (test split, {info['test_n']} problems, medium, greedy): accuracy {test['accuracy']:.3f}, mean
   {test['mean_tokens']:.0f} tokens and {test['mean_steps']:.1f} steps; Speculative Thinking cue rate {test['cue_rate']:.3f}
   of steps, {test['cue_after_wrong']:.3f} after a wrong step and {test['cue_after_correct']:.3f} after a correct one{judged};
@@ -333,15 +394,29 @@ def write_card(path: Path, name: str, spec: ModelSpec, n_params: int, info: dict
     (path / "README.md").write_text(card)
 
 
+def small_prefixes(out: Path, tok: PreTrainedTokenizerFast, problems: list[ArithProblem], max_new_tokens: int) -> list[str]:
+    """`handoff_prefixes` of the trained small model's greedy solutions (none before a small model exists)."""
+    if not (out / "small" / "config.json").exists():
+        return []
+    small = AutoModelForCausalLM.from_pretrained(out / "small")
+    return handoff_prefixes(problems, greedy_texts(small, tok, [ExampleEncoder(tok).prompt(p) for p in problems], max_new_tokens))
+
+
 def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval_every: int, ckpt_every: int,
           max_steps: int | None, device: torch.device, val_n: int = 100, test_n: int = 200, pool_n: int = 600,
-          max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+          max_new_tokens: int = MAX_NEW_TOKENS, handoff: bool = False) -> dict:
+    """Train ``name`` from scratch, or with ``handoff`` continue the trained ``OUT/name`` (`Handoff`)."""
     spec = SPECS[name]
+    stage = HANDOFF[name] if handoff else None
+    if stage:
+        spec = replace(spec, max_steps=stage.steps, lr=stage.lr)
     total = max_steps or spec.max_steps
+    tag = f"{name}-handoff" if stage else name
     tok = load_or_build_tokenizer(out)
-    enc = ChainEncoder(tok, STYLES[name])
+    enc = ChainEncoder(tok, STYLES[name], stage.share if stage else 0.0)
     torch.manual_seed(seed)
-    model = build_model(spec, tok).to(device)
+    previous = json.loads((out / name / "training.json").read_text()) if stage else None
+    model = (AutoModelForCausalLM.from_pretrained(out / name) if stage else build_model(spec, tok)).to(device)
     pool: list[Candidate] = []
     judged: dict[str, list[Candidate]] = {"val": [], "test": []}  # held-out steps to judge, from the first problems
     pool_kind = "none"
@@ -354,12 +429,16 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
         judged = {split: judge_pool(small_dir, tok, ArithGenerator(split, "medium", seed=0).take(max(1, n // 2)), prng,
                                     max_new_tokens)[:400] for split, n in (("val", val_n), ("test", test_n))}
     val = ArithGenerator("val", "medium", seed=0).take(val_n)
-    res = fit(model, spec, total, minutes, Batches(enc, spec, f"arith2/train/{name}/{seed}", batch_size, total, pool, device),
-              lambda m: evaluate(m, enc, val, judged["val"], max_new_tokens), None, out / ".ckpt" / f"arith2-{name}.pt",
-              out / f"train-{name}.jsonl",
-              eval_every, ckpt_every, f"train {name}", loss_fn=weighted_loss)
-    print(f"{name}: stopped after {res.steps} steps ({res.stop_reason})")
-    test = evaluate(model, enc, ArithGenerator("test", "medium", seed=0).take(test_n), judged["test"], max_new_tokens)
+    test_problems = ArithGenerator("test", "medium", seed=0).take(test_n)
+    val_prefixes = small_prefixes(out, tok, val, max_new_tokens) if stage else None
+    batches = Batches(enc, spec, f"arith2/train/{tag}/{seed}", batch_size, total, pool, device, curriculum=not stage)
+    res = fit(model, spec, total, minutes, batches,
+              lambda m: evaluate(m, enc, val, judged["val"], max_new_tokens, val_prefixes), None,
+              out / ".ckpt" / f"arith2-{tag}.pt", out / f"train-{tag}.jsonl",
+              eval_every, ckpt_every, f"train {tag}", loss_fn=weighted_loss)
+    print(f"{tag}: stopped after {res.steps} steps ({res.stop_reason})")
+    test = evaluate(model, enc, test_problems, judged["test"], max_new_tokens,
+                    small_prefixes(out, tok, test_problems, max_new_tokens))
     dest = out / name
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False)
     model.save_pretrained(dest, safe_serialization=True)
@@ -369,9 +448,14 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
             "device": f"CPU ({torch.get_num_threads()} threads)" if device.type == "cpu"
             else torch.cuda.get_device_name(device), "test_n": test_n, "test": test, "vocab": len(tok),
             "stop_reason": res.stop_reason, "judge_pool": pool_kind}
-    write_card(dest, name, spec, sum(p.numel() for p in model.parameters()), info)
-    (dest / "training.json").write_text(json.dumps({"spec": spec.__dict__, **info, "history": res.history}, indent=1))
-    print(json.dumps({name: info}))
+    if stage and previous:
+        first = {k: previous[k] for k in ("steps", "batch_size", "train_minutes", "device", "test", "stop_reason", "spec")}
+        info = {**info, "handoff": {**stage.__dict__, "steps": res.steps}, "steps": previous["steps"],
+                "train_minutes": previous["train_minutes"], "handoff_minutes": info["train_minutes"], "first_stage": first}
+    write_card(dest, name, SPECS[name], sum(p.numel() for p in model.parameters()), info)
+    history = res.history if not previous else {"first_stage": previous["history"], "handoff": res.history}
+    (dest / "training.json").write_text(json.dumps({"spec": SPECS[name].__dict__, **info, "history": history}, indent=1))
+    print(json.dumps({tag: info}))
     return info
 
 
@@ -392,6 +476,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads: 2 train ~1.5x faster on idle cores, 5x slower when other processes use them")
+    ap.add_argument("--handoff", action="store_true",
+                    help=f"second stage: continue the trained models ({', '.join(HANDOFF)}) on handoff rows (see Handoff)")
     ap.add_argument("--cards", action="store_true", help="only rewrite the model cards from each training.json")
     args = ap.parse_args()
     if args.cards:
@@ -404,7 +490,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         train(name, args.out, args.minutes, args.batch_size, args.seed, args.eval_every, args.ckpt_every, args.max_steps,
-              torch.device(args.device), args.val_problems, args.test_problems, max_new_tokens=args.max_new_tokens)
+              torch.device(args.device), args.val_problems, args.test_problems, max_new_tokens=args.max_new_tokens,
+              handoff=args.handoff)
 
 
 if __name__ == "__main__":
