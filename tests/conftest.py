@@ -14,7 +14,7 @@ from orchestrator.core import Orchestrator
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def arith_small() -> AsyncIterator[Orchestrator]:
     """The arith small model under the small-only policy, started once for the whole test session."""
-    orch = Orchestrator.from_config("arith/small-only")
+    orch = Orchestrator.from_config("arith-v1/small-only")
     await orch.start()
     yield orch
     await orch.aclose()

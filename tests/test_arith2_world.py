@@ -30,7 +30,7 @@ def pair(engines):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def baselines(pair):
-    return {name: await solve_all(pair, f"arith2/{name}-only", PROBLEMS) for name in ("small", "large")}
+    return {name: await solve_all(pair, f"arith/{name}-only", PROBLEMS) for name in ("small", "large")}
 
 
 def texts(results) -> list[str]:
@@ -48,25 +48,25 @@ async def test_step_boundaries_merge_so_ids_are_not_re_derivable_from_steps(pair
 
 
 async def test_specreason_keeping_every_step_writes_the_small_models_text(pair, baselines):
-    results = await solve_all(pair, "arith2/specreason", PROBLEMS, ["policy.threshold=0"])
+    results = await solve_all(pair, "arith/specreason", PROBLEMS, ["policy.threshold=0"])
     assert texts(results) == texts(baselines["small"])
     assert all(len([s for s in r.segments if s.author == "small"]) >= 5 for r in results)  # one judged step each
 
 
 async def test_spec_thinking_without_cues_writes_the_small_models_text(pair, baselines):
-    results = await solve_all(pair, "arith2/spec-thinking", PROBLEMS, NEVER_A_CUE)
+    results = await solve_all(pair, "arith/spec-thinking", PROBLEMS, NEVER_A_CUE)
     assert texts(results) == texts(baselines["small"])
 
 
 async def test_spec_thinking_hands_over_at_the_small_models_own_cues(pair, baselines):
-    results = await solve_all(pair, "arith2/spec-thinking", PROBLEMS)
+    results = await solve_all(pair, "arith/spec-thinking", PROBLEMS)
     assert sum(r.metrics.handoffs for r in results) > 0
     for r in results:
         assert r.text == "".join(s.text for s in r.segments if s.accepted)
 
 
 async def test_token_level_policies_at_their_limits_write_one_models_text(pair, baselines):
-    assert texts(await solve_all(pair, "arith2/speculative", PROBLEMS)) == texts(baselines["large"])
-    assert texts(await solve_all(pair, "arith2/consultant", PROBLEMS, ["policy.epsilon=1e-9"])) == texts(baselines["large"])
-    lax = await solve_all(pair, "arith2/consultant", PROBLEMS, ["policy.epsilon=1e9"])  # every draft token kept (+ the bonus)
+    assert texts(await solve_all(pair, "arith/speculative", PROBLEMS)) == texts(baselines["large"])
+    assert texts(await solve_all(pair, "arith/consultant", PROBLEMS, ["policy.epsilon=1e-9"])) == texts(baselines["large"])
+    lax = await solve_all(pair, "arith/consultant", PROBLEMS, ["policy.epsilon=1e9"])  # every draft token kept (+ the bonus)
     assert all(r.metrics.accepted == r.metrics.proposed > 0 for r in lax)

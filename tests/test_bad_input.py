@@ -40,7 +40,7 @@ def assert_one_line_error(code: int, output: str, *expected: str) -> None:
 
 
 def eval_args(tmp_path: Path, *extra: str) -> list[str]:
-    return ["eval", "--config", "arith/small-only", "--limit", "1", "--out", str(tmp_path / "out"), *extra]
+    return ["eval", "--config", "arith-v1/small-only", "--limit", "1", "--out", str(tmp_path / "out"), *extra]
 
 
 # ---------------------------------------------------------------- configs and model paths
@@ -69,7 +69,7 @@ def test_folder_that_is_not_a_model_is_named(tmp_path):
 def test_missing_model_names_each_folder_once(monkeypatch):
     monkeypatch.chdir(PACKAGE_ROOT)
     with pytest.raises(ConfigError, match="not found") as e:
-        load_config("arith/small-only", ["models.small.path=no/such/model/dir"])
+        load_config("arith-v1/small-only", ["models.small.path=no/such/model/dir"])
     assert str(e.value).count(str(PACKAGE_ROOT)) == 2  # the config file's path, then the one folder looked in
     assert f"looked in {PACKAGE_ROOT})" in str(e.value)
 
@@ -102,9 +102,9 @@ def test_run_command_model_errors_are_one_line(monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    assert_one_line_error(*cli("run", "--config", "arith/small-only", "--set", "models.small.path=nonexistent/model",
+    assert_one_line_error(*cli("run", "--config", "arith-v1/small-only", "--set", "models.small.path=nonexistent/model",
                                "1 + 1"), "models.small.path: 'nonexistent/model' is neither a local folder")
-    assert_one_line_error(*cli("run", "--config", "arith/small-only", "--set", "models.small.path=/etc", "1 + 1"),
+    assert_one_line_error(*cli("run", "--config", "arith-v1/small-only", "--set", "models.small.path=/etc", "1 + 1"),
                           "/etc is not a model folder")
 
 
@@ -117,7 +117,7 @@ def test_run_command_model_errors_are_one_line(monkeypatch):
 ])
 def test_sampling_settings_are_typed_and_finite(override, key, message):
     with pytest.raises(ConfigError, match=rf"{key}: .*{message}"):
-        load_config("arith/small-only", [override])
+        load_config("arith-v1/small-only", [override])
 
 
 @pytest.mark.parametrize("params", [{"max_tokens": True}, {"temperature": float("inf")}, {"top_p": float("nan")},
@@ -143,14 +143,14 @@ def test_dataset_errors_are_one_line(tmp_path, content, message):
     data.write_bytes(content)
     with pytest.raises(DatasetError, match=message):
         load_dataset("mine", path=data)
-    assert_one_line_error(*cli("eval", "--config", "arith/small-only", "--dataset", "jsonl", "--dataset-path",
+    assert_one_line_error(*cli("eval", "--config", "arith-v1/small-only", "--dataset", "jsonl", "--dataset-path",
                                str(data), "--out", str(tmp_path / "out")), str(data), message)
 
 
 def test_bench_dataset_error_is_one_line(tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
-    assert_one_line_error(*cli("bench", "--configs", "arith/small-only", "--dataset", "jsonl", "--dataset-path",
+    assert_one_line_error(*cli("bench", "--configs", "arith-v1/small-only", "--dataset", "jsonl", "--dataset-path",
                                str(data), "--out", str(tmp_path / "bench")), str(data), "no problems")
 
 
@@ -163,10 +163,10 @@ async def test_resume_refuses_another_config_or_dataset(arith_small, tmp_path):
     recorded = json.loads((tmp_path / RUN_CONFIG).read_text())
     assert recorded["config"]["policy"]["type"] == "small-only" and recorded["dataset"] == "arith"
 
-    another = Orchestrator(load_config("arith/specreason"))  # refused before any model loads
+    another = Orchestrator(load_config("arith-v1/specreason"))  # refused before any model loads
     with pytest.raises(RunChangedError, match=r"policy\.type: small-only -> specreason.*--allow-config-change"):
         await run_eval(another, problems, tmp_path, concurrency=2, resume=True, progress=False)
-    shorter = Orchestrator(load_config("arith/small-only", ["sampling.max_tokens=300"]))
+    shorter = Orchestrator(load_config("arith-v1/small-only", ["sampling.max_tokens=300"]))
     with pytest.raises(RunChangedError, match=r"sampling\.max_tokens: 400 -> 300"):
         await run_eval(shorter, problems, tmp_path, concurrency=2, resume=True, progress=False)
     reworded = [p.model_copy(update={"problem": p.problem + " + 1"}) for p in problems]
@@ -181,7 +181,7 @@ async def test_resume_refuses_another_config_or_dataset(arith_small, tmp_path):
                              progress=False)
     assert summary["n"] == 3 and summary["complete"]
     # and a change can be allowed explicitly; the folder then records the new config
-    changed = Orchestrator(load_config("arith/small-only", ["sampling.max_tokens=300"]),
+    changed = Orchestrator(load_config("arith-v1/small-only", ["sampling.max_tokens=300"]),
                            workers={"small": arith_small.models["small"].worker})
     summary = await run_eval(changed, load_dataset("arith", limit=4), tmp_path, concurrency=2, resume=True,
                              progress=False, allow_config_change=True)
@@ -191,14 +191,14 @@ async def test_resume_refuses_another_config_or_dataset(arith_small, tmp_path):
 
 def test_cli_resume_with_another_config_exits_2(tmp_path):
     out = tmp_path / "out"
-    code, output = cli("eval", "--config", "arith/small-only", "--limit", "1", "--out", str(out))
+    code, output = cli("eval", "--config", "arith-v1/small-only", "--limit", "1", "--out", str(out))
     assert code == 0, output
-    assert_one_line_error(*cli("eval", "--config", "arith/specreason", "--limit", "2", "--out", str(out), "--resume"),
+    assert_one_line_error(*cli("eval", "--config", "arith-v1/specreason", "--limit", "2", "--out", str(out), "--resume"),
                           "policy.type: small-only -> specreason", "--allow-config-change")
-    assert_one_line_error(*cli("eval", "--config", "arith/small-only", "--set", "sampling.max_tokens=300", "--limit",
+    assert_one_line_error(*cli("eval", "--config", "arith-v1/small-only", "--set", "sampling.max_tokens=300", "--limit",
                                "2", "--out", str(out), "--resume"), "sampling.max_tokens: 400 -> 300")
     assert len((out / RESULTS).read_text().splitlines()) == 1
-    code, output = cli("eval", "--config", "arith/small-only", "--limit", "2", "--out", str(out), "--resume")
+    code, output = cli("eval", "--config", "arith-v1/small-only", "--limit", "2", "--out", str(out), "--resume")
     assert code == 0, output  # --limit growing on resume extends the run
     assert len((out / RESULTS).read_text().splitlines()) == 2
 
@@ -234,7 +234,7 @@ def test_eval_with_a_dead_worker_writes_the_summary_and_exits_3(tmp_path, monkey
 
     monkeypatch.setattr(orchestrator.core, "start_workers", dying_workers)
     out = tmp_path / "out"
-    code, output = cli("eval", "--config", "arith/small-only", "--limit", "4", "--concurrency", "1", "--out", str(out))
+    code, output = cli("eval", "--config", "arith-v1/small-only", "--limit", "4", "--concurrency", "1", "--out", str(out))
     assert code == EXIT_INCOMPLETE, output
     assert "Traceback" not in output and "2 of 4 solves finished, 2 failed" in output
     summary = json.loads((out / "summary.json").read_text())
@@ -250,7 +250,7 @@ def test_eval_with_a_dead_worker_writes_the_summary_and_exits_3(tmp_path, monkey
 @pytest.mark.timeout(300)
 def test_ctrl_c_writes_the_partial_summary_and_exits_quietly(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([REASONSPEC, "eval", "--config", "arith/small-only", "--limit", "200", "--concurrency", "2",
+    proc = subprocess.Popen([REASONSPEC, "eval", "--config", "arith-v1/small-only", "--limit", "200", "--concurrency", "2",
                              "--out", str(out)], cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # its own process group, as a terminal's job
     try:

@@ -39,14 +39,14 @@ def test_missing_model_path_says_so(tmp_path: Path):
 
 
 def test_dotted_overrides_parse_yaml_scalars():
-    cfg = load_config("arith/specreason", ["policy.threshold=5", "models.large.backend=vllm",
+    cfg = load_config("arith-v1/specreason", ["policy.threshold=5", "models.large.backend=vllm",
                                            "models.large.speculative.method=ngram", "ray.address=auto"])
     assert cfg.policy.threshold == 5.0 and cfg.models["large"].backend == "vllm"
     assert cfg.models["large"].speculative.method == "ngram" and cfg.ray.address == "auto"
     with pytest.raises(ConfigError, match="key.sub=value"):
-        load_config("arith/specreason", ["policy.threshold"])
+        load_config("arith-v1/specreason", ["policy.threshold"])
 
 
 def test_unknown_config_name_lists_packaged_ones():
-    with pytest.raises(ConfigError, match="arith/specreason"):
-        load_config("arith/nope")
+    with pytest.raises(ConfigError, match="arith-v1/specreason"):
+        load_config("arith-v1/nope")

@@ -97,8 +97,8 @@ class Recording:
         return getattr(self.worker, name)
 
 
-@pytest.mark.parametrize("config", ["arith/small-only", "arith/specreason", "arith/specreason-prompt",
-                                    "arith/spec-thinking", "arith/consultant", "arith/speculative"])
+@pytest.mark.parametrize("config", ["arith-v1/small-only", "arith-v1/specreason", "arith-v1/specreason-prompt",
+                                    "arith-v1/spec-thinking", "arith-v1/consultant", "arith-v1/speculative"])
 async def test_a_chain_that_fills_the_context_ends_with_length(engines: Any, config: str) -> None:
     """Step-level and token-level (explicit ids) policies alike: every call fits, the result says "length"."""
     cfg = load_config(config)
@@ -131,7 +131,7 @@ async def test_hf_worker_never_runs_past_its_context(engines: Any) -> None:
 
 async def test_hf_close_is_bounded_while_a_forward_pass_runs() -> None:
     """Shutdown must not wait for a long pass (a 30k-token prefill took minutes): close returns, callers fail."""
-    worker = HFWorker(load_config("arith/small-only").models["small"].resolved_path())
+    worker = HFWorker(load_config("arith-v1/small-only").models["small"].resolved_path())
     entered, release = threading.Event(), threading.Event()
     forward = worker.model.forward
 

@@ -137,9 +137,9 @@ async def pair():
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_online_swap_under_concurrent_requests_keeps_lossless_output(pair):
-    base = Orchestrator(load_config("arith/large-only", SHORT), workers=pair)
+    base = Orchestrator(load_config("arith-v1/large-only", SHORT), workers=pair)
     want = [r.text for r in await base.asolve_batch(PROBLEMS, concurrency=len(PROBLEMS))]
-    orch = Orchestrator(load_config("arith/speculative", online(lr=0.001, tolerance=1.0)), workers=pair)
+    orch = Orchestrator(load_config("arith-v1/speculative", online(lr=0.001, tolerance=1.0)), workers=pair)
     await orch.start()
     original = copy.deepcopy(pair["small"].model)
     first = await orch.asolve_batch(PROBLEMS, concurrency=len(PROBLEMS))  # updates start as requests finish
@@ -163,7 +163,7 @@ async def test_online_swap_under_concurrent_requests_keeps_lossless_output(pair)
 @pytest.mark.asyncio(loop_scope="session")
 async def test_online_refuses_a_draft_whose_acceptance_falls(pair):
     before = pair["small"].model
-    orch = Orchestrator(load_config("arith/speculative", online(lr=1.0, tolerance=0.0)), workers=pair)
+    orch = Orchestrator(load_config("arith-v1/speculative", online(lr=1.0, tolerance=0.0)), workers=pair)
     await orch.start()
     results = await orch.asolve_batch(PROBLEMS[:4], concurrency=4)
     await orch.adapter.drain()
@@ -177,14 +177,14 @@ async def test_online_refuses_a_draft_whose_acceptance_falls(pair):
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_online_needs_a_token_level_policy(pair):
-    orch = Orchestrator(load_config("arith/specreason", online()), workers=pair)
+    orch = Orchestrator(load_config("arith-v1/specreason", online()), workers=pair)
     with pytest.raises(ValueError, match="token-level policy"):
         await orch.start()
 
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_online_reverts_a_draft_whose_live_acceptance_falls(pair):
-    orch = Orchestrator(load_config("arith/speculative", online(lr=0.001, tolerance=1.0, live_window=1)),
+    orch = Orchestrator(load_config("arith-v1/speculative", online(lr=0.001, tolerance=1.0, live_window=1)),
                         workers=pair)
     await orch.start()
     await orch.asolve_batch(PROBLEMS[:3], concurrency=3)
@@ -207,7 +207,7 @@ async def test_online_reverts_a_draft_whose_live_acceptance_falls(pair):
 async def test_online_stream_compares_the_two_arms():
     from evals.online_stream import compare
 
-    result = await compare("arith/speculative", limit=4, blocks=2, concurrency=2,
+    result = await compare("arith-v1/speculative", limit=4, blocks=2, concurrency=2,
                            overrides=SHORT + ["online.interval=1", "online.holdout_every=2"])
     static, adapted = result["arms"]
     assert [len(a["blocks"]) for a in result["arms"]] == [2, 2]
@@ -220,7 +220,7 @@ async def test_eval_records_the_adaptation(tmp_path):
     from evals.datasets import load_dataset
     from evals.runner import ONLINE_JSON, run_eval
 
-    orch = Orchestrator(load_config("arith/speculative", SHORT + ["online.enabled=true", "online.interval=1",
+    orch = Orchestrator(load_config("arith-v1/speculative", SHORT + ["online.enabled=true", "online.interval=1",
                                                                   "online.holdout_every=2"]))
     try:
         summary = await run_eval(orch, load_dataset("arith", limit=3), tmp_path, concurrency=3, progress=False)

@@ -169,7 +169,7 @@ async def test_run_eval_writes_results_and_summary(arith_small, tmp_path, count_
 
     assert SUMMARY_FIELDS <= set(summary)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
-    assert (summary["config"], summary["policy"], summary["dataset"]) == ("arith-small-only", "small-only", "arith")
+    assert (summary["config"], summary["policy"], summary["dataset"]) == ("arith-v1-small-only", "small-only", "arith")
     assert (summary["n"], summary["samples"], summary["errors"]) == (3, 2, 0)
     assert summary["accuracy"] == pytest.approx(sum(r["correct"] for r in records) / 6)
     assert summary["tokens_small"] == sum(r["tokens_small"] for r in records)
@@ -258,7 +258,7 @@ def test_load_records_repairs_only_a_crashed_tail(tmp_path):
 
 async def test_math500_pipeline_end_to_end(tmp_path):
     """MATH500 through the arith model: its answers are wrong, the pipeline and outputs are what is tested."""
-    orch = Orchestrator.from_config("arith/small-only", ["sampling.max_tokens=24"])
+    orch = Orchestrator.from_config("arith-v1/small-only", ["sampling.max_tokens=24"])
     problems = load_dataset("math500", limit=3)
     try:
         summary = await run_eval(orch, problems, tmp_path, concurrency=3, progress=False)
@@ -296,13 +296,13 @@ def test_report_table_and_plot(tmp_path):
 
 
 async def test_bench_runs_each_config_in_turn(tmp_path):
-    rows = await run_bench(["arith/small-only", "arith/small-only"], "arith", 3, 3, tmp_path, progress=False)
-    assert [r["config"] for r in rows] == ["arith-small-only"] * 2
+    rows = await run_bench(["arith-v1/small-only", "arith-v1/small-only"], "arith", 3, 3, tmp_path, progress=False)
+    assert [r["config"] for r in rows] == ["arith-v1-small-only"] * 2
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
     assert rows[0]["accuracy"] == rows[1]["accuracy"]  # greedy: the same answers
     for key in ("policy", "accuracy", "total_wall_s", "mean_latency_s", "large_token_share", "acceptance_rate"):
         assert key in rows[0]
     assert json.loads((tmp_path / "bench.json").read_text()) == rows
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
-    assert len(read_lines(tmp_path / "arith-small-only" / RESULTS)) == 3
-    assert len(read_lines(tmp_path / "arith-small-only-2" / RESULTS)) == 3
+    assert len(read_lines(tmp_path / "arith-v1-small-only" / RESULTS)) == 3
+    assert len(read_lines(tmp_path / "arith-v1-small-only-2" / RESULTS)) == 3

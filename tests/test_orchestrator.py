@@ -44,7 +44,7 @@ async def test_batch_equals_one_by_one(arith_small: Orchestrator):
 
 
 def test_sync_api_and_messages_input():
-    with Orchestrator.from_config("arith/small-only") as orch:
+    with Orchestrator.from_config("arith-v1/small-only") as orch:
         r = orch.solve([{"role": "user", "content": "12 + 7 - 3\nPlease reason step by step, and put your final "
                                                      "answer within \\boxed{}."}])
         assert r.answer is not None

@@ -26,7 +26,7 @@ def pair(request, engines):
 @pytest.mark.parametrize("config", ["large-only", "small-only", "specreason", "spec-thinking", "consultant",
                                     "speculative"])
 async def test_policy_solves_with_a_consistent_trace(pair, config):
-    results = await solve_all(pair, f"arith/{config}", PROBLEMS)
+    results = await solve_all(pair, f"arith-v1/{config}", PROBLEMS)
     for r in results:
         assert r.answer is not None and r.answer.lstrip("-").isdigit()
         assert r.text == "".join(s.text for s in r.segments if s.accepted)
@@ -37,35 +37,35 @@ async def test_policy_solves_with_a_consistent_trace(pair, config):
 
 
 async def test_speculative_greedy_equals_large_only(pair):
-    base = await solve_all(pair, "arith/large-only", PROBLEMS)
-    sd = await solve_all(pair, "arith/speculative", PROBLEMS)
+    base = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
+    sd = await solve_all(pair, "arith-v1/speculative", PROBLEMS)
     assert [r.text for r in sd] == [r.text for r in base]
     assert sum(r.metrics.accepted for r in sd) > 0
 
 
 async def test_consultant_limits(pair):
-    large = await solve_all(pair, "arith/large-only", PROBLEMS)
-    small = await solve_all(pair, "arith/small-only", PROBLEMS)
-    strict = await solve_all(pair, "arith/consultant", PROBLEMS, ["policy.epsilon=1e-9"])
-    lax = await solve_all(pair, "arith/consultant", PROBLEMS, ["policy.epsilon=1e9"])
+    large = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
+    small = await solve_all(pair, "arith-v1/small-only", PROBLEMS)
+    strict = await solve_all(pair, "arith-v1/consultant", PROBLEMS, ["policy.epsilon=1e-9"])
+    lax = await solve_all(pair, "arith-v1/consultant", PROBLEMS, ["policy.epsilon=1e9"])
     assert [r.text for r in strict] == [r.text for r in large]
     assert [r.text for r in lax] == [r.text for r in small]
 
 
 async def test_specreason_judges_every_small_step(pair):
-    results = await solve_all(pair, "arith/specreason", PROBLEMS)
+    results = await solve_all(pair, "arith-v1/specreason", PROBLEMS)
     for r in results:
         small_steps = [s for s in r.segments if s.author == "small"]
         assert all(s.score is not None and 0 <= s.score <= 9 for s in small_steps)
         for i, s in enumerate(r.segments):
             if not s.accepted:  # a rejected step is rewritten by the large model right away
                 assert s.score < 7 and r.segments[i + 1].author == "large"
-    lax = await solve_all(pair, "arith/specreason", PROBLEMS, ["policy.threshold=0"])
-    small = await solve_all(pair, "arith/small-only", PROBLEMS)
+    lax = await solve_all(pair, "arith-v1/specreason", PROBLEMS, ["policy.threshold=0"])
+    small = await solve_all(pair, "arith-v1/small-only", PROBLEMS)
     assert [r.answer for r in lax] == [r.answer for r in small]
 
 
 async def test_specreason_pipelining_changes_nothing_but_time(pair):
-    piped = await solve_all(pair, "arith/specreason", PROBLEMS, ["policy.pipeline=true"])
-    serial = await solve_all(pair, "arith/specreason", PROBLEMS, ["policy.pipeline=false"])
+    piped = await solve_all(pair, "arith-v1/specreason", PROBLEMS, ["policy.pipeline=true"])
+    serial = await solve_all(pair, "arith-v1/specreason", PROBLEMS, ["policy.pipeline=false"])
     assert [r.text for r in piped] == [r.text for r in serial]

@@ -41,7 +41,7 @@ PROBLEMS = [p.text for p in ArithGenerator(split="test", seed=7).take(16)]
 
 
 def _config(**overrides: object) -> RunConfig:
-    return load_config("arith/small-only", {"ray.address": "local", **overrides})
+    return load_config("arith-v1/small-only", {"ray.address": "local", **overrides})
 
 
 def _prompt(tokenizer: object, problem: str) -> list[int]:
@@ -325,7 +325,7 @@ async def test_actor_out_of_restarts_fails_calls_cleanly(ray_cluster: None, toke
 @pytest.mark.ray
 async def test_orchestrator_on_ray_survives_a_killed_actor(ray_cluster: None, arith_small: Orchestrator) -> None:
     """Same answers as in-process; a worker killed mid-eval costs at most the problems in flight."""
-    orch = Orchestrator.from_config("arith/small-only", overrides={"ray.address": "local"})
+    orch = Orchestrator.from_config("arith-v1/small-only", overrides={"ray.address": "local"})
     try:
         await orch.start()
         worker = orch.models["small"].worker
@@ -384,7 +384,7 @@ def job_command(out_dir: Path) -> list[str]:
     """What the submitted job runs: the issue's check, SpecReason on 10 arith problems, workers on the cluster."""
     reasonspec = shutil.which("reasonspec", path=str(Path(sys.executable).parent)) or "reasonspec"
     return [
-        reasonspec, "eval", "--config", "arith/specreason", "--set", "ray.address=auto",
+        reasonspec, "eval", "--config", "arith-v1/specreason", "--set", "ray.address=auto",
         "--dataset", "arith", "--limit", "10", "--out", str(out_dir),
     ]
 

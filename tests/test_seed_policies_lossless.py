@@ -306,8 +306,8 @@ async def solve(models, config: str, overrides=(), max_tokens: int = 80):
     ("pyramid", ["policy.tau_q=0", "policy.tau_t=0", "policy.draft_tokens=1", "policy.qualifier_tokens=1"]),
 ], ids=["hierarchical", "multi-candidate", "multi-candidate-distinct", "pyramid-tau-0"])
 async def test_real_models_greedy_write_large_only_text(models, config, overrides):
-    base = await solve(models, "arith/large-only")
-    results = await solve(models, f"arith/{config}", overrides)
+    base = await solve(models, "arith-v1/large-only")
+    results = await solve(models, f"arith-v1/{config}", overrides)
     assert [r.text for r in results] == [r.text for r in base]
     for r in results:
         assert r.text == "".join(g.text for g in r.segments if g.accepted)
@@ -318,7 +318,7 @@ async def test_real_models_greedy_write_large_only_text(models, config, override
 
 
 async def test_real_models_pyramid_solves_with_a_consistent_trace(models):
-    for r in await solve(models, "arith/pyramid", max_tokens=200):
+    for r in await solve(models, "arith-v1/pyramid", max_tokens=200):
         assert r.answer is not None and r.answer.lstrip("-").isdigit()
         assert r.text == "".join(g.text for g in r.segments if g.accepted)
         assert {g.author for g in r.segments} <= {"small", "mid", "large"}

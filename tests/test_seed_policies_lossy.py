@@ -292,7 +292,7 @@ async def solve(pair, config: str, overrides=()):
 
 @pytest.fixture(scope="module")
 async def large_only(pair):
-    return [r.text for r in await solve(pair, "arith/large-only")]
+    return [r.text for r in await solve(pair, "arith-v1/large-only")]
 
 
 @pytest.mark.parametrize("config, exact", [
@@ -302,7 +302,7 @@ async def large_only(pair):
     ("reflective", ["policy.alpha=0"]),  # plain distributions: SD
 ])
 async def test_policy_runs_records_and_meets_its_limit(pair, large_only, config, exact):
-    results = await solve(pair, f"arith/{config}")
+    results = await solve(pair, f"arith-v1/{config}")
     for r in results:
         m = r.metrics
         assert r.text == "".join(s.text for s in r.segments if s.accepted)
@@ -312,14 +312,14 @@ async def test_policy_runs_records_and_meets_its_limit(pair, large_only, config,
     if config == "spec-verification":
         assert [r.text for r in results] == large_only
         assert any(not s.accepted for r in results for s in r.segments)  # some tails go unverified
-    limit = await solve(pair, f"arith/{config}", exact)
+    limit = await solve(pair, f"arith-v1/{config}", exact)
     assert [r.text for r in limit] == large_only
 
 
 async def test_spec_verification_with_a_companion_model(pair, large_only):
     """The paper's setting on real models: a third (``mid``) worker scores each draft; here the small model itself."""
     workers = {**pair, "mid": pair["small"]}
-    cfg = load_config("arith/spec-verification", [*SHORT, "policy.companion=mid", "models.mid.path=evals/arith/models/small"])
+    cfg = load_config("arith-v1/spec-verification", [*SHORT, "policy.companion=mid", "models.mid.path=evals/arith/models/small"])
     orch = Orchestrator(cfg, workers=workers)
     try:
         results = await orch.asolve_batch(PROBLEMS, concurrency=len(PROBLEMS))

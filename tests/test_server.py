@@ -32,7 +32,7 @@ from orchestrator.server import (
     MAX_BODY_BYTES, MAX_TOKENS_FACTOR, ReasoningSplitter, ServerStats, create_app, server_settings,
 )
 
-CONFIGS = os.environ.get("REASONSPEC_SERVER_CONFIGS", "arith/small-only,arith/specreason").split(",")
+CONFIGS = os.environ.get("REASONSPEC_SERVER_CONFIGS", "arith-v1/small-only,arith/specreason").split(",")
 PROBLEM = "12 + 7 - 3 + 25"
 STARTUP_TIMEOUT_S = 300
 

@@ -27,8 +27,8 @@ from orchestrator.prompting import user_message
 from orchestrator.server import SHUTDOWN_GRACE_S
 from workers.hf_backend import CLOSE_TIMEOUT_S
 
-CONFIG = "arith/specreason"
-MODEL = "arith-specreason"
+CONFIG = "arith-v1/specreason"
+MODEL = "arith-v1-specreason"
 READ_TIMEOUT_S = 2.0  # the server's, shortened for the tests
 STARTUP_TIMEOUT_S = 180
 #: Shutdown bound: the grace for open requests, closing the engines, and the process's own exit.

@@ -48,13 +48,13 @@ def test_bad_grid_options(specs, message):
 
 def test_a_bad_grid_key_or_value_is_named_before_anything_runs():
     with pytest.raises(GridError, match=r"(?s)policy\.threshhold=3.*threshhold: unknown key"):
-        plan_sweep("arith/specreason", {"policy.threshhold": [3]})
+        plan_sweep("arith-v1/specreason", {"policy.threshhold": [3]})
     with pytest.raises(GridError, match="policy.judge=maybe"):
-        plan_sweep("arith/specreason", {"policy.judge": ["maybe"]})
+        plan_sweep("arith-v1/specreason", {"policy.judge": ["maybe"]})
 
 
 def test_plan_derives_baselines_from_the_swept_config():
-    runs = plan_sweep("arith/specreason", {"policy.threshold": [3, 7]}, ["sampling.max_tokens=300"])
+    runs = plan_sweep("arith-v1/specreason", {"policy.threshold": [3, 7]}, ["sampling.max_tokens=300"])
     assert [(r.label, r.kind, r.folder) for r in runs] == [
         ("large-only", "baseline", "large-only"), ("small-only", "baseline", "small-only"),
         ("threshold=3", "point", "threshold=3"), ("threshold=7", "point", "threshold=7")]
@@ -62,7 +62,7 @@ def test_plan_derives_baselines_from_the_swept_config():
     assert runs[2].config.policy.threshold == 3 and runs[3].config.policy.threshold == 7
     for r in runs:  # same models and sampling everywhere, --set included
         assert r.config.models == runs[-1].config.models and r.config.sampling.max_tokens == 300
-    assert runs[2].config.name == "arith-specreason[threshold=3]"
+    assert runs[2].config.name == "arith-v1-specreason[threshold=3]"
 
 
 def test_labels_use_the_shortest_unique_key_suffix():
@@ -90,10 +90,10 @@ async def test_sweep_runs_points_and_baselines_once_and_resumes(tmp_path, monkey
         return await asolve(self, problem, *args, **kwargs)
 
     monkeypatch.setattr(Orchestrator, "asolve", counted)
-    sweep = await run_sweep("arith/specreason", {"policy.threshold": [3, 7]}, tmp_path, dataset="arith", limit=3,
+    sweep = await run_sweep("arith-v1/specreason", {"policy.threshold": [3, 7]}, tmp_path, dataset="arith", limit=3,
                             concurrency=3, progress=False)
 
-    names = ["large-only", "small-only", "arith-specreason[threshold=3]", "arith-specreason[threshold=7]"]
+    names = ["large-only", "small-only", "arith-v1-specreason[threshold=3]", "arith-v1-specreason[threshold=7]"]
     assert sorted(calls) == sorted(n for n in names for _ in range(3))  # each run once, the same 3 problems
     assert [r["label"] for r in sweep["rows"]] == ["large-only", "small-only", "threshold=3", "threshold=7"]
     assert [r["config"] for r in sweep["rows"]] == names
@@ -109,7 +109,7 @@ async def test_sweep_runs_points_and_baselines_once_and_resumes(tmp_path, monkey
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
     calls.clear()  # a re-run with --resume redoes nothing and rebuilds the same rows
-    again = await run_sweep("arith/specreason", {"policy.threshold": [3, 7]}, tmp_path, dataset="arith", limit=3,
+    again = await run_sweep("arith-v1/specreason", {"policy.threshold": [3, 7]}, tmp_path, dataset="arith", limit=3,
                             concurrency=3, progress=False, resume=True)
     assert calls == []
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in sweep["rows"]]
@@ -119,7 +119,7 @@ async def test_sweep_runs_points_and_baselines_once_and_resumes(tmp_path, monkey
 def test_cli_sweep_names_a_bad_key_and_exits_2():
     from orchestrator.cli import app
 
-    result = CliRunner().invoke(app, ["sweep", "--config", "arith/specreason", "--grid", "policy.threshhold=3,5"])
+    result = CliRunner().invoke(app, ["sweep", "--config", "arith-v1/specreason", "--grid", "policy.threshhold=3,5"])
     assert result.exit_code == 2
     assert "threshhold" in result.output and "unknown key" in result.output
 
@@ -195,7 +195,7 @@ def test_progress_off_a_terminal_is_one_line(monkeypatch):
 async def test_an_eval_logs_one_line_off_a_terminal(arith_small, tmp_path, capsys):
     await run_eval(arith_small, load_dataset("arith", limit=3), tmp_path, concurrency=3, grade_timeout=60)
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("arith-small-only: 3/3 solves, acc=")
+    assert len(err) == 1 and err[0].startswith("arith-v1-small-only: 3/3 solves, acc=")
 
 
 def test_grade_is_exported():

@@ -155,7 +155,7 @@ def check_run(summary: dict, records: list[dict], roles: tuple[str, ...]) -> Non
     assert time["loop"]["busy_s"] is not None and 0 < time["loop"]["busy_s"] < time["loop"]["wall_s"]
 
 
-@pytest.mark.parametrize("config, roles", [("arith/specreason", ("small", "large")), ("arith/large-only", ("large",))])
+@pytest.mark.parametrize("config, roles", [("arith-v1/specreason", ("small", "large")), ("arith-v1/large-only", ("large",))])
 async def test_breakdown_of_a_real_run(tmp_path, config, roles):
     orch = Orchestrator.from_config(config, ["sampling.max_tokens=120"])
     try:

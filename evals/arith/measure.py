@@ -62,7 +62,7 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
 
 
 async def measure(n: int) -> dict:
-    cfg = load_config("arith/specreason")
+    cfg = load_config("arith-v1/specreason")
     small = HFWorker(cfg.models["small"].resolved_path())
     large = HFWorker(cfg.models["large"].resolved_path())
     tok = large.tokenizer
