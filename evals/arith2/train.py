@@ -98,7 +98,8 @@ class Handoff:
     share: float
 
 
-HANDOFF = {"large": Handoff(steps=1200, lr=1e-3, share=0.5)}
+# The shipped large model ran 1200 steps under a 1200-step schedule, then resumed to 2000 (``--max-steps 2000``).
+HANDOFF = {"large": Handoff(steps=2000, lr=1e-3, share=0.5)}
 JUDGE_START, JUDGE_FULL = 0.3, 0.5  # curriculum: fractions of training where judge rows start and reach judge_share
 CUES = SpecThinkingParams()
 
@@ -402,6 +403,14 @@ def small_prefixes(out: Path, tok: PreTrainedTokenizerFast, problems: list[Arith
     return handoff_prefixes(problems, greedy_texts(small, tok, [ExampleEncoder(tok).prompt(p) for p in problems], max_new_tokens))
 
 
+def first_stage_record(folder: Path) -> dict:
+    """The from-scratch stage's ``training.json`` record, also when a handoff stage has already replaced it."""
+    rec = json.loads((folder / "training.json").read_text())
+    if "first_stage" in rec:
+        return {**rec["first_stage"], "history": rec["history"]["first_stage"]}
+    return rec
+
+
 def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval_every: int, ckpt_every: int,
           max_steps: int | None, device: torch.device, val_n: int = 100, test_n: int = 200, pool_n: int = 600,
           max_new_tokens: int = MAX_NEW_TOKENS, handoff: bool = False) -> dict:
@@ -415,7 +424,7 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
     tok = load_or_build_tokenizer(out)
     enc = ChainEncoder(tok, STYLES[name], stage.share if stage else 0.0)
     torch.manual_seed(seed)
-    previous = json.loads((out / name / "training.json").read_text()) if stage else None
+    previous = first_stage_record(out / name) if stage else None
     model = (AutoModelForCausalLM.from_pretrained(out / name) if stage else build_model(spec, tok)).to(device)
     pool: list[Candidate] = []
     judged: dict[str, list[Candidate]] = {"val": [], "test": []}  # held-out steps to judge, from the first problems
