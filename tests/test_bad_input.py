@@ -250,7 +250,7 @@ def test_eval_with_a_dead_worker_writes_the_summary_and_exits_3(tmp_path, monkey
 @pytest.mark.timeout(300)
 def test_ctrl_c_writes_the_partial_summary_and_exits_quietly(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([REASONSPEC, "eval", "--config", "arith-v1/small-only", "--limit", "200", "--concurrency", "2",
+    proc = subprocess.Popen([REASONSPEC, "eval", "--config", "arith/small-only", "--limit", "200", "--concurrency", "2",
                              "--out", str(out)], cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # its own process group, as a terminal's job
     try:
