@@ -297,14 +297,14 @@ def handoff_chain(problem: ArithProblem, rng: random.Random, prefix: ChainStyle 
     resume = RESUME.get(prev.kind, ())
     rest = [s for s in tail if s.op > prev.op or (s.op == prev.op and s.kind in resume)]
     if prev.kind == "wrong":
-        cur = ([problem.start] + problem.values())[prev.op]
-        op, b = problem.ops[prev.op]
-        fix = double_check(cur, op, b, int(prev.text.rstrip(".").rsplit(" ", 1)[1]), style.hesitation)
+        values = [problem.start] + problem.values()
+        wrong = int(prev.text.rstrip(".").rsplit(" ", 1)[1])
+        fix = double_check(values[prev.op], *problem.ops[prev.op], wrong, style.hesitation)
         rest.insert(0, ChainStep(fix, True, kind="correction", hard=prev.hard, op=prev.op))
         k = next((k for k, s in enumerate(rest) if s.kind == "restate"), None)
         if k is not None:
-            s, value = rest[k], ([problem.start] + problem.values())[rest[k].op]
-            rest[k] = replace(s, text=restate(value, *problem.ops[s.op], first=False, corrected=True))
+            s = rest[k]
+            rest[k] = replace(s, text=restate(values[s.op], *problem.ops[s.op], first=False, corrected=True))
     return [replace(s, trainable=False) for s in head[:cut]] + rest
 
 

@@ -495,6 +495,13 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(args.out / name)
             write_card(args.out / name, name, SPECS[name], sum(p.numel() for p in model.parameters()), rec)
         return
+    if args.handoff:
+        for name in args.models:
+            if name not in HANDOFF:
+                ap.error(f"--handoff: no handoff stage for {name!r} (stages: {', '.join(HANDOFF)})")
+            if not (args.out / name / "training.json").exists():
+                ap.error(f"--handoff continues a trained model, but {args.out / name} has no training.json: "
+                         f"train it first (without --handoff)")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
