@@ -1,6 +1,6 @@
 """Drafts from the target's own weights, measured: ``python -m evals.bench_drafts``.
 
-The arith large model alone, with its int8 copy as the draft (ML-SpecQD), with the multi-level
+An arith world's large model alone (``--world arith2``, the default, or ``arith``: the first pair), with its int8 copy as the draft (ML-SpecQD), with the multi-level
 variant (the small model drafting for the int8 copy) and with Kangaroo (its first layers and an
 adapter trained by ``python -m evals.kangaroo_adapter``), on the same test problems, one request at a time (ms/token is latency, not
 throughput). Configurations are interleaved repeat by repeat, so that load drifts hit all of them
@@ -29,11 +29,12 @@ from workers.hf_backend import HFWorker
 from workers.hf_drafts import draft_levels
 from workers.protocol import GenParams
 
-MODELS = Path(__file__).parent / "arith" / "models"
+def models(world: str) -> Path:
+    return Path(__file__).parent / world / "models"
 
 
-def configs(k: int, adapter: Path) -> dict[str, SpeculativeConfig | None]:
-    small = SpeculativeConfig(method="draft", model=str(MODELS / "small"), num_speculative_tokens=max(1, k - 1))
+def configs(world: str, k: int, adapter: Path) -> dict[str, SpeculativeConfig | None]:
+    small = SpeculativeConfig(method="draft", model=str(models(world) / "small"), num_speculative_tokens=max(1, k - 1))
     return {
         "large alone": None,
         "int8 draft": SpeculativeConfig(method="quantized", num_speculative_tokens=k),
@@ -52,9 +53,9 @@ async def run_once(worker: HFWorker, prompts: list[list[int]], max_tokens: int) 
 
 async def bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    large = str(MODELS / "large")
+    large = str(models(args.world) / "large")
     workers = {name: HFWorker(large, speculative=spec, threads=args.threads)
-               for name, spec in configs(args.k, args.adapter).items()}
+               for name, spec in configs(args.world, args.k, args.adapter).items()}
     tok = workers["large alone"].tokenizer
     prompts = [prompt_ids(tok, to_messages(p.text)) for p in ArithGenerator("test", seed=args.seed).take(args.n)]
     results: dict[str, list[dict]] = {name: [] for name in workers}
@@ -88,20 +89,21 @@ async def bench(args: argparse.Namespace) -> None:
         apd = [r["levels"][0]["accepted_per_draft"] for r in recs if r["levels"]]
         summary[name] = {"ms_per_token": ms, "accepted_per_draft_top_level": apd,
                          "all_same_tokens": all(r["same_tokens_as_large"] for r in recs)}
-    print(json.dumps({"summary": summary, "problems": args.n, "repeats": args.repeats, "threads": args.threads,
+    print(json.dumps({"summary": summary, "world": args.world, "problems": args.n, "repeats": args.repeats, "threads": args.threads,
                       "k": args.k, "max_tokens": args.max_tokens}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", choices=("arith", "arith2"), default="arith2")
     ap.add_argument("--n", type=int, default=20, help="test problems")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per verification (the top level)")
-    ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--max-tokens", type=int, default=600, help="the arith2 large model writes ~490 tokens a problem")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--adapter", type=Path, required=True,
-                    help="a Kangaroo adapter for the arith large model (python -m evals.kangaroo_adapter --out DIR)")
+                    help="a Kangaroo adapter for the world's large model (python -m evals.kangaroo_adapter --out DIR)")
     asyncio.run(bench(ap.parse_args()))
 
 

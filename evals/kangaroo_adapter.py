@@ -6,7 +6,8 @@ cross-entropy against the full target's next-token distribution at every positio
 writes, -sum p_target * log softmax(head(adapter(h_exit))), computed as the forward KL it equals up
 to the target's entropy (same gradient), with the divergence ``reasonspec distill`` uses.
 
-Data: worked solutions of the arith world by default (the text the arith models write), or
+Data: worked solutions of an arith world by default (``--world arith2``, the default, writes the
+second generation's CAREFUL chains, which its large model writes; ``--world arith`` the first pair's), or
 ``--texts FILE.jsonl`` (one ``{"text": ...}`` per line, loss on every position) for other models.
 The target labels every position itself, so the data only has to look like what it will write.
 
@@ -34,7 +35,24 @@ from evals.arith.train import ExampleEncoder, ModelSpec, collate, fit, train_pro
 from orchestrator.distill import divergence
 from workers.hf_drafts import KANGAROO_EXIT_LAYER, KangarooAdapter, save_adapter, self_draft
 
-DEFAULT_TARGET = Path(__file__).parent / "arith" / "models" / "large"
+WORLDS = ("arith", "arith2")
+
+
+def default_target(world: str) -> Path:
+    return Path(__file__).parent / world / "models" / "large"
+
+
+def world_encoder(world: str, tok: object) -> ExampleEncoder:
+    """The encoder of the text ``world``'s large model writes: the first pair's worked solutions, or the
+    second generation's CAREFUL chains (tokenized whole, as the model sees its own text)."""
+    if world == "arith":
+        return ExampleEncoder(tok)
+    if world == "arith2":
+        from evals.arith2.chains import CAREFUL
+        from evals.arith2.train import ChainEncoder
+
+        return ChainEncoder(tok, CAREFUL)
+    raise ValueError(f"unknown arith world {world!r}: one of {', '.join(WORLDS)}")
 Batch = dict[str, torch.Tensor]
 
 
@@ -67,8 +85,11 @@ def kangaroo_loss(target: torch.nn.Module, draft: torch.nn.Module, b: Batch) -> 
 
 def train_adapter(target_path: str, out: Path, *, exit_layer: int = KANGAROO_EXIT_LAYER, steps: int = 300,
                   batch_size: int = 16, lr: float = 1e-3, seed: int = 0, minutes: float = 30.0, eval_every: int = 50,
-                  ckpt_every: int = 50, texts: list[str] | None = None, quiet: bool = False) -> dict:
-    """Train (or resume) an adapter for ``target_path`` and write its folder; returns the card's numbers."""
+                  ckpt_every: int = 50, texts: list[str] | None = None, world: str = "arith2",
+                  quiet: bool = False) -> dict:
+    """Train (or resume) an adapter for ``target_path`` and write its folder; returns the card's numbers.
+
+    ``world`` names the arith world whose solutions are the data (ignored with ``texts``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -78,7 +99,7 @@ def train_adapter(target_path: str, out: Path, *, exit_layer: int = KANGAROO_EXI
     adapter = KangarooAdapter(target, exit_layer).requires_grad_(True)  # copied from frozen layers
     draft = self_draft(target, adapter)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    enc = ExampleEncoder(tok) if texts is None else None
+    enc = world_encoder(world, tok) if texts is None else None
     rng = random.Random(f"kangaroo/{target_path}/{seed}")
 
     def rows(r: random.Random, n: int) -> list[tuple[list[int], list[int]]]:
@@ -112,7 +133,7 @@ def train_adapter(target_path: str, out: Path, *, exit_layer: int = KANGAROO_EXI
         "adapter_parameters": sum(p.numel() for p in adapter.parameters()),
         "steps": res.steps, "batch_size": batch_size, "lr": lr, "seed": seed, "stop_reason": res.stop_reason,
         "train_minutes": (time.time() - res.t0) / 60, "this_run_minutes": (time.time() - t0) / 60,
-        "threads": torch.get_num_threads(), "data": "arith worked solutions" if texts is None else "text file",
+        "threads": torch.get_num_threads(), "data": f"{world} worked solutions" if texts is None else "text file",
         "heldout_top1_agreement": final["accuracy"], "heldout_forward_kl": final["forward_kl"],
     }
     name = portable_name(target_path)
@@ -152,7 +173,8 @@ stops after a token whose top-1 probability is under `draft_confidence` (default
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(DEFAULT_TARGET), help="the target model folder")
+    ap.add_argument("--world", choices=WORLDS, default="arith2", help="the arith world whose solutions are the data")
+    ap.add_argument("--model", default=None, help="the target model folder (default: the world's large model)")
     ap.add_argument("--out", type=Path, required=True, help="the adapter folder to write (resumed if it has a checkpoint)")
     ap.add_argument("--exit-layer", type=int, default=KANGAROO_EXIT_LAYER)
     ap.add_argument("--steps", type=int, default=300)
@@ -169,9 +191,9 @@ def main() -> None:
     texts = None
     if args.texts is not None:
         texts = [json.loads(line)["text"] for line in args.texts.read_text().splitlines() if line.strip()]
-    train_adapter(args.model, args.out, exit_layer=args.exit_layer, steps=args.steps, batch_size=args.batch_size,
+    train_adapter(args.model or str(default_target(args.world)), args.out, exit_layer=args.exit_layer, steps=args.steps, batch_size=args.batch_size,
                   lr=args.lr, seed=args.seed, minutes=args.minutes, eval_every=args.eval_every,
-                  ckpt_every=args.eval_every, texts=texts)
+                  ckpt_every=args.eval_every, texts=texts, world=args.world)
 
 
 if __name__ == "__main__":

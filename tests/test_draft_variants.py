@@ -42,7 +42,7 @@ def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.conftest import arith_model
 
     out = tmp_path_factory.mktemp("kangaroo")
-    train_adapter(arith_model("large"), out, steps=12, batch_size=8, lr=2e-3, eval_every=6, ckpt_every=6, quiet=True)
+    train_adapter(arith_model("large"), out, steps=12, batch_size=8, lr=2e-3, eval_every=6, ckpt_every=6, quiet=True, world="arith")
     return out
 
 
@@ -161,7 +161,7 @@ def test_adapter_training_resumes_where_it_stopped(tmp_path: Path, monkeypatch: 
     import evals.kangaroo_adapter as ka
     from tests.conftest import arith_model
 
-    kw = dict(steps=4, batch_size=4, eval_every=2, ckpt_every=2, quiet=True)
+    kw = dict(steps=4, batch_size=4, eval_every=2, ckpt_every=2, quiet=True, world="arith")
     real, calls = ka.arith_rows, []
 
     def crashing(*args: Any) -> Any:
