@@ -74,6 +74,8 @@ class ModelConfig(Strict):
     threads: int | None = Field(None, ge=1, description="hf on CPU: intra-op threads of this model's engine "
                                                         "(e.g. 1 each so two models use one core each); None: torch's default")
     kv_cache_tokens: int = Field(200_000, ge=1024, description="hf: tokens of KV kept for prefix reuse (LRU)")
+    fast_forward: bool = Field(True, description="hf: the lean forward for Llama/Qwen2 models (workers.hf_fast_forward); "
+                                                 "false: transformers' own forward")
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     replicas: int = Field(1, ge=1)

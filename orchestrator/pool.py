@@ -19,7 +19,7 @@ def create_local_worker(cfg: ModelConfig) -> Worker:
 
         return HFWorker(
             path, device=cfg.device, dtype=cfg.dtype, kv_cache_tokens=cfg.kv_cache_tokens,
-            max_batch_size=cfg.max_batch_size, speculative=spec, threads=cfg.threads,
+            max_batch_size=cfg.max_batch_size, speculative=spec, threads=cfg.threads, fast_forward=cfg.fast_forward,
         )
     from workers.vllm_backend import VLLMWorker
 

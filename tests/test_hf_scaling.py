@@ -13,14 +13,14 @@ from workers.protocol import GenParams
 async def test_logits_only_for_the_positions_a_request_reads(engines: Any) -> None:
     worker = engines("hf", "small")
     seen: list[int] = []
-    forward = worker.model.forward
+    forward = worker._run_model  # the engine's one forward pass (the lean runner or transformers')
 
     def recording(*args: Any, **kwargs: Any) -> Any:
-        out = forward(*args, **kwargs)
-        seen.append(out.logits.shape[1])
-        return out
+        logits = forward(*args, **kwargs)
+        seen.append(logits.shape[1])
+        return logits
 
-    worker.model.forward = recording
+    worker._run_model = recording
     try:
         prompt = [5 + (i % 200) for i in range(700)]  # a long uncached prompt
         await worker.generate(prompt, GenParams(max_tokens=1))
@@ -30,7 +30,7 @@ async def test_logits_only_for_the_positions_a_request_reads(engines: Any) -> No
         assert len(s.logprobs) == 100 and len(s.sampled) == 101
         assert seen == [101]  # the continuation and the position after it
     finally:
-        worker.model.forward = forward
+        worker._run_model = forward
 
 
 @pytest.mark.parametrize("method", ["draft", "ngram"])

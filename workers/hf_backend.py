@@ -33,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicLayer
 
+from workers.hf_fast_forward import FastForward
 from workers.prefix_cache import KV, PrefixCache
 from workers.sampling import sampling_probs
 from workers.timing import BusyClock, CallClock, PhaseClock
@@ -196,6 +197,7 @@ class HFWorker:
         speculative: Any = None,
         threads: int | None = None,
         model: Any = None,
+        fast_forward: bool = True,
     ):
         path = Path(model_path)
         if not path.exists() and (model_path.startswith((".", "/")) or model_path.count("/") != 1):
@@ -210,6 +212,8 @@ class HFWorker:
         # served under ``model_path``'s tokenizer without loading the folder's weights again
         self.model = model if model is not None else (
             AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval())
+        self.fast_forward = fast_forward
+        self._fast = FastForward.build(self.model) if fast_forward else None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids()
         self.context_length: int = getattr(self.model.config, "max_position_embeddings", 2048)
@@ -432,6 +436,7 @@ class HFWorker:
         """Install each swap's model in turn (no request is active), answering each with the model it replaced."""
         for r in swaps:
             old, self.model = self.model, r.payload
+            self._fast = FastForward.build(self.model) if self.fast_forward else None
             self.cache.clear()
             r.resolve(old)
 
@@ -453,7 +458,6 @@ class HFWorker:
         pasts = [0 if kv is None else kv[0][0].shape[2] for kv, _ in rows]
         news = [len(ids) for _, ids in rows]
         P, N, B = max(pasts), max(news), len(rows)
-        dev = self.device
         input_ids = torch.full((B, N), self.pad_id, dtype=torch.long)
         positions = torch.zeros((B, N), dtype=torch.long)
         mask = torch.zeros((B, P + N), dtype=torch.long)
@@ -464,15 +468,26 @@ class HFWorker:
             mask[i, P + N - n :] = 1
         cache = stack_kv([kv for kv, _ in rows], P)
         k = max(keep)  # rows are right-aligned: the last k positions cover every row's reads
+        logits = self._run_model(input_ids, mask, positions, cache, k)
+        return [logits[i, k - m :] for i, m in enumerate(keep)], unstack_kv(cache, mask)
+
+    def _run_model(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
+                   keep: int = 0) -> torch.Tensor:
+        """One forward pass (float logits of the last ``keep`` positions, all when 0); ``cache`` grows in place.
+
+        The lean runner (``workers.hf_fast_forward``) where it covers the model, transformers' forward otherwise.
+        """
+        dev = self.device
+        args = (input_ids.to(dev), mask.to(dev), positions.to(dev))
         t0 = time.perf_counter()
-        out = self.model(
-            input_ids=input_ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-            past_key_values=cache, use_cache=True, logits_to_keep=k,
-        )
+        if self._fast is not None:
+            logits = self._fast(*args, cache, keep)
+        else:
+            logits = self.model(input_ids=args[0], attention_mask=args[1], position_ids=args[2], past_key_values=cache,
+                                use_cache=True, logits_to_keep=keep).logits
         self._stats.forward_s += time.perf_counter() - t0
         self._stats.forward_passes += 1
-        logits = out.logits.float()
-        return [logits[i, k - m :] for i, m in enumerate(keep)], unstack_kv(out.past_key_values, mask)
+        return logits.float()
 
     # ---------------------------------------------------------------- prefill
 
@@ -630,7 +645,7 @@ class HFWorker:
         """
         t_step = time.perf_counter()
         cache, mask, lengths = self._stack(active)
-        B, dev = len(active), self.device
+        B = len(active)
         alive = [True] * B
         steps = 0
         while True:
@@ -649,15 +664,7 @@ class HFWorker:
             positions = lengths[:, None] + torch.arange(K)[None, :]
             col0 = mask.shape[1]
             mask = torch.cat([mask, new_mask], 1)
-            t0 = time.perf_counter()
-            out = self.model(
-                input_ids=tokens.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                past_key_values=cache, use_cache=True,
-            )
-            self._stats.forward_s += time.perf_counter() - t0
-            self._stats.forward_passes += 1
-            cache = out.past_key_values
-            logits = out.logits.float()
+            logits = self._run_model(tokens, mask, positions, cache)
             for i, (r, prop) in enumerate(zip(active, rows_prop)):
                 if not alive[i]:
                     continue

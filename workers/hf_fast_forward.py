@@ -1,0 +1,127 @@
+"""A lean forward pass for Llama-layout decoders (Llama, Qwen2): the hf engine's fast path.
+
+Why: at the sizes this project runs on a CPU, a transformers forward pass costs mostly Python, not
+arithmetic. Profiled on the arith world (``evals.profile_threads``, CPU time per engine thread), a
+decode step of the 2-layer small model spent ~45% of its time outside the layers (a 4D mask built
+from the 2D one, output-capturing wrappers, config lookups), and each layer ~30 module calls with
+their hooks for ~12 tensor operations of work. A real GPU deployment hides the same per-operation
+cost behind CUDA graphs (vLLM); here the engine runs the same arithmetic on the same weights (by
+reference: no copy) in about 20 tensor operations per layer: ``F.linear`` and ``F.rms_norm``
+without module calls, one boolean mask per pass shared by every layer, and the model's own rotary
+module once per pass (so every RoPE variant transformers implements stays right).
+
+The KV cache is the transformers ``Cache`` the engine already keeps (``Cache.update`` per layer),
+so prefix caching, stacking and unstacking are unchanged. Logits match transformers' own forward
+to float tolerance, and greedy output is identical (``tests/test_fast_forward.py``). A model this
+runner does not cover (another architecture, quantized or adapted layers, sliding windows, biased
+MLPs) returns None from ``FastForward.build`` and keeps transformers' path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+SUPPORTED = {"LlamaForCausalLM": "LlamaDecoderLayer", "Qwen2ForCausalLM": "Qwen2DecoderLayer"}
+
+
+class _Layer:
+    """One decoder layer's weights (references: the model's parameters stay the only copy)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        att, mlp = layer.self_attn, layer.mlp
+        self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
+        self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # as LlamaRMSNorm: normalised in float32, cast back, then scaled
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+class FastForward:
+    """``model``'s forward pass as a few tensor operations per layer (same weights, same cache)."""
+
+    def __init__(self, model: torch.nn.Module):
+        inner = model.model
+        cfg = model.config
+        self.embed = inner.embed_tokens.weight
+        self.rotary = inner.rotary_emb
+        self.norm, self.eps = inner.norm.weight, inner.norm.variance_epsilon
+        self.head = model.lm_head.weight
+        self.layers = [_Layer(layer) for layer in inner.layers]
+        att = inner.layers[0].self_attn
+        self.head_dim = att.head_dim
+        self.scale = att.scaling
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+
+    @classmethod
+    def build(cls, model: torch.nn.Module) -> FastForward | None:
+        """The runner for ``model``, or None where its forward holds something this runner does not do."""
+        cfg = model.config
+        layer_class = SUPPORTED.get(type(model).__name__)
+        if layer_class is None or getattr(cfg, "hidden_act", None) != "silu":
+            return None
+        if any(type(layer).__name__ != layer_class for layer in model.model.layers):
+            return None  # a layer replaced by something else (a Kangaroo self-draft's adapter)
+        if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "mlp_bias", False):
+            return None
+        if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+            return None
+        linear = [m for layer in model.model.layers for m in layer.modules() if "Linear" in type(m).__name__]
+        if any(type(m) is not torch.nn.Linear for m in linear + [model.lm_head]):
+            return None  # quantized or adapted projections run their own forward
+        if any(type(p.data) is not torch.Tensor for p in model.parameters()):
+            return None  # weight-only quantized tensors (torchao) dispatch their own matmuls
+        return cls(model)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache: Cache, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits of the last ``logits_to_keep`` positions (all when 0); ``cache`` grows by the new positions.
+
+        ``attention_mask`` covers the cached and the new positions (1: attend), as transformers takes it.
+        """
+        B, N = input_ids.shape
+        h = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(h, position_ids)
+        cos, sin = cos[:, None], sin[:, None]
+        mask = self._mask(attention_mask, N)
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        for i, lay in enumerate(self.layers):
+            x = _rms(h, lay.norm1, lay.eps1)
+            q = _rotate(F.linear(x, lay.q.weight, lay.q.bias).view(B, N, H, D).transpose(1, 2), cos, sin)
+            k = _rotate(F.linear(x, lay.k.weight, lay.k.bias).view(B, N, KV, D).transpose(1, 2), cos, sin)
+            v = F.linear(x, lay.v.weight, lay.v.bias).view(B, N, KV, D).transpose(1, 2)
+            k, v = cache.update(k, v, i)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=KV != H)
+            h = h + F.linear(a.transpose(1, 2).reshape(B, N, H * D), lay.o.weight, lay.o.bias)
+            x = _rms(h, lay.norm2, lay.eps2)
+            h = h + F.linear(F.silu(F.linear(x, lay.gate)) * F.linear(x, lay.up), lay.down)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return F.linear(_rms(h, self.norm, self.eps), self.head)
+
+    @staticmethod
+    def _mask(attention_mask: torch.Tensor, n: int) -> torch.Tensor | None:
+        """One boolean mask (B, 1, n, total) for every layer: causal over the new positions, padding dropped.
+
+        A query whose every key is masked (a padding position) attends to itself, so its row stays finite:
+        its output is never read, but a NaN in its key or value would reach real rows through 0 * NaN.
+        """
+        total = attention_mask.shape[1]
+        if n == 1 and bool(attention_mask.all()):
+            return None  # one new position that sees everything: no mask at all
+        past = total - n
+        cols = torch.arange(total, device=attention_mask.device)
+        rows = past + torch.arange(n, device=attention_mask.device)
+        allowed = (cols[None, :] <= rows[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
+        return allowed | (cols[None, :] == rows[:, None])[None, None]
