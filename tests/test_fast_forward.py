@@ -102,3 +102,18 @@ def test_logits_to_keep_reads_the_last_positions(keep: int) -> None:
         full = fast(ids, mask, positions, growing_cache())
         last = fast(ids, mask, positions, growing_cache(), keep)
     assert torch.allclose(full[:, -keep:], last, atol=1e-6)
+
+
+def test_kangaroo_self_draft_runs_on_the_runner_with_transformers_logits() -> None:
+    """The self-draft (the target's first layers and an attention-only adapter layer) is covered too."""
+    from workers.hf_drafts import KangarooAdapter, self_draft
+
+    target = AutoModelForCausalLM.from_pretrained(arith_model("arith2/large"), dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    adapter = KangarooAdapter(target, 2)
+    for p in adapter.parameters():  # away from the warm start, so a skipped or misread layer shows
+        p.data.add_(0.05 * torch.randn_like(p))
+    draft = self_draft(target, adapter)
+    ids, mask, positions = padded_batch(target.config.vocab_size, 30, [0, 11])
+    want, got = both(draft, ids, mask, positions, new=4)
+    assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)

@@ -105,7 +105,10 @@ class AdapterLayer(nn.Module):
 
     It takes a decoder layer's call signature, so it stands as the last layer of an ordinary
     ``LlamaModel``-style stack (rotary embeddings, masks and the KV cache are the stack's).
+    ``attention_only`` tells the engine's lean forward (``workers.hf_fast_forward``) to skip the MLP.
     """
+
+    attention_only = True
 
     def __init__(self, input_layernorm: nn.Module, self_attn: nn.Module):
         super().__init__()

@@ -11,10 +11,11 @@ without module calls, one boolean mask per pass shared by every layer, and the m
 module once per pass (so every RoPE variant transformers implements stays right).
 
 The KV cache is the transformers ``Cache`` the engine already keeps (``Cache.update`` per layer),
-so prefix caching, stacking and unstacking are unchanged. Logits match transformers' own forward
+so prefix caching, stacking and unstacking are unchanged. Kangaroo's self-draft (the target's
+first layers and an attention-only adapter layer, ``workers.hf_drafts``) runs here too. Logits match transformers' own forward
 to float tolerance, and greedy output is identical (``tests/test_fast_forward.py``). A model this
-runner does not cover (another architecture, quantized or adapted layers, sliding windows, biased
-MLPs) returns None from ``FastForward.build`` and keeps transformers' path.
+runner does not cover (another architecture, quantized or adapted projections, sliding windows,
+biased MLPs) returns None from ``FastForward.build`` and keeps transformers' path.
 """
 
 from __future__ import annotations
@@ -27,14 +28,20 @@ SUPPORTED = {"LlamaForCausalLM": "LlamaDecoderLayer", "Qwen2ForCausalLM": "Qwen2
 
 
 class _Layer:
-    """One decoder layer's weights (references: the model's parameters stay the only copy)."""
+    """One decoder layer's weights (references: the model's parameters stay the only copy).
+
+    A layer that declares ``attention_only`` (Kangaroo's adapter: norm, attention, residual) has no MLP.
+    """
 
     def __init__(self, layer: torch.nn.Module):
-        att, mlp = layer.self_attn, layer.mlp
+        att = layer.self_attn
         self.q, self.k, self.v, self.o = att.q_proj, att.k_proj, att.v_proj, att.o_proj
-        self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
         self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.mlp = not getattr(layer, "attention_only", False)
+        if self.mlp:
+            mlp = layer.mlp
+            self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+            self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,8 +78,9 @@ class FastForward:
         layer_class = SUPPORTED.get(type(model).__name__)
         if layer_class is None or getattr(cfg, "hidden_act", None) != "silu":
             return None
-        if any(type(layer).__name__ != layer_class for layer in model.model.layers):
-            return None  # a layer replaced by something else (a Kangaroo self-draft's adapter)
+        if any(type(layer).__name__ != layer_class and not getattr(layer, "attention_only", False)
+               for layer in model.model.layers):
+            return None  # a layer replaced by something this runner does not know
         if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "mlp_bias", False):
             return None
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
@@ -104,8 +112,9 @@ class FastForward:
             k, v = cache.update(k, v, i)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=KV != H)
             h = h + F.linear(a.transpose(1, 2).reshape(B, N, H * D), lay.o.weight, lay.o.bias)
-            x = _rms(h, lay.norm2, lay.eps2)
-            h = h + F.linear(F.silu(F.linear(x, lay.gate)) * F.linear(x, lay.up), lay.down)
+            if lay.mlp:
+                x = _rms(h, lay.norm2, lay.eps2)
+                h = h + F.linear(F.silu(F.linear(x, lay.gate)) * F.linear(x, lay.up), lay.down)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return F.linear(_rms(h, self.norm, self.eps), self.head)
