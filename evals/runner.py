@@ -356,21 +356,34 @@ async def run_bench(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    rounds: int = 1,
 ) -> list[dict[str, Any]]:
     """The same problems through each config in turn; one eval folder each, then one table and plot.
 
     One Orchestrator at a time (started, run, closed) keeps memory to one run's models.
     Writes ``out_dir/<config-slug>/`` eval folders and ``bench.json``, ``bench.md`` and
     ``bench.png`` in ``out_dir``; ``speedup`` is against the first config.
+
+    ``rounds`` > 1 interleaves the configs: the problems are cut into that many consecutive
+    slices and every config runs slice 1, then every config slice 2, and so on (each slice a
+    resumed session of the config's folder; wall times add up per session). On a shared machine
+    whose speed drifts over minutes, a drift then reaches every config alike instead of whichever
+    ran during it. The time breakdown of a config covers its last slice.
     """
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
     problems = load_dataset(dataset, path=dataset_path, limit=limit, fields=fields)
     out_dir = Path(out_dir)
     dirs: list[Path] = []
     for name in config_names:
-        run_dir = out_dir / _slug(name, taken={d.name for d in dirs})
-        await eval_config(load_config(name, overrides), problems, run_dir, concurrency=concurrency, samples=samples,
-                          resume=resume, overwrite=overwrite, progress=progress, dataset=dataset)
-        dirs.append(run_dir)
+        dirs.append(out_dir / _slug(name, taken={d.name for d in dirs}))
+    rounds = min(rounds, len(problems)) or 1
+    for r in range(rounds):
+        upto = problems[: round(len(problems) * (r + 1) / rounds)]
+        for name, run_dir in zip(config_names, dirs):
+            await eval_config(load_config(name, overrides), upto, run_dir, concurrency=concurrency, samples=samples,
+                              resume=resume or r > 0, overwrite=overwrite and r == 0, progress=progress,
+                              dataset=dataset)
     rows = build_report(dirs, out_dir / "bench.md")
     (out_dir / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
     return rows

@@ -177,6 +177,8 @@ def bench(
     out: Annotated[Path, typer.Option()] = Path("runs/bench"),
     resume: Annotated[bool, typer.Option(help="finish an interrupted bench")] = False,
     overwrite: Annotated[bool, typer.Option(help="start OUT afresh if it has results")] = False,
+    rounds: Annotated[int, typer.Option(min=1, help="interleave the configs over this many slices of the problems, "
+                                                    "so that a drift in machine speed reaches all of them")] = 1,
     set: SetOpt = None,
 ) -> None:
     """The same problems through several configs: one table, bench.json/md/png."""
@@ -190,7 +192,7 @@ def bench(
         _load(c, set)  # fail fast on any bad config before running the first one
     with _user_errors():  # a bad dataset, or a folder holding another run
         rows = asyncio.run(run_bench(configs, dataset, limit, concurrency, out, set, dataset_path=dataset_path,
-                                     resume=resume, overwrite=overwrite))
+                                     resume=resume, overwrite=overwrite, rounds=rounds))
     print_compact(rows, console, caption=f"speedup: total wall time against {rows[0]['config']}; "
                                          "full precision in bench.json")
     console.print(bench_breakdown_table([read_summary(Path(r["dir"])) for r in rows]))

@@ -306,3 +306,24 @@ async def test_bench_runs_each_config_in_turn(tmp_path):
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
     assert len(read_lines(tmp_path / "arith-v1-small-only" / RESULTS)) == 3
     assert len(read_lines(tmp_path / "arith-v1-small-only-2" / RESULTS)) == 3
+
+
+async def test_bench_rounds_interleave_the_configs(tmp_path, monkeypatch):
+    """--rounds 2: every config runs the first half, then every config the second (resumed sessions)."""
+    import evals.runner as runner
+
+    calls, real = [], runner.eval_config
+
+    async def recording(config, problems, out_dir, **kw):
+        calls.append((out_dir.name, len(problems)))
+        return await real(config, problems, out_dir, **kw)
+
+    monkeypatch.setattr(runner, "eval_config", recording)
+    rows = await run_bench(["arith-v1/small-only", "arith-v1/large-only"], "arith", 4, 2, tmp_path, progress=False,
+                           rounds=2)
+    assert calls == [("arith-v1-small-only", 2), ("arith-v1-large-only", 2),
+                     ("arith-v1-small-only", 4), ("arith-v1-large-only", 4)]
+    for name in ("arith-v1-small-only", "arith-v1-large-only"):
+        records = read_lines(tmp_path / name / RESULTS)
+        assert sorted(r["run"] for r in records) == [1, 1, 2, 2]  # each problem once, in two sessions
+    assert [r["n"] for r in rows] == [4, 4] and rows[0]["speedup"] == 1.0
