@@ -448,3 +448,30 @@ def test_job_submitted_with_working_dir_runs_on_the_cluster(ray_head: tuple[str,
     assert len(rows) == 10 and all(r["tokens_small"] > 0 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 10 and summary["policy"] == "specreason" and summary["accuracy"] >= 0.5
+
+
+SEED_POLICIES = ["bild", "easd", "spec-verification", "reflective", "multi-candidate", "hierarchical", "pyramid"]
+
+
+@pytest.mark.ray
+async def test_seed_policies_on_ray_actors_write_what_they_write_in_process(ray_cluster: None) -> None:
+    """The seeds' policies over real Ray actors (the arith world's three models) decide as over in-process
+    workers: same text, same trace of who wrote what and what was rejected (greedy, a short budget)."""
+    from tests.conftest import solve_all
+
+    roles = ("small", "mid", "large")
+    config = load_config("arith/hierarchical", {"ray.address": "local"})
+    remote = await ray_pool.start_ray_workers(config, roles)
+    local = {r: create_local_worker(config.models[r]) for r in roles}
+    overrides = ["sampling.max_tokens=96"]
+    try:
+        for name in SEED_POLICIES:
+            want = await solve_all(local, f"arith/{name}", PROBLEMS[:1], overrides)
+            got = await solve_all(remote, f"arith/{name}", PROBLEMS[:1], overrides)
+            assert got[0].text == want[0].text, name
+            assert ([(s.author, s.kind, s.accepted) for s in got[0].segments]
+                    == [(s.author, s.kind, s.accepted) for s in want[0].segments]), name
+            assert len({s.author for s in want[0].segments}) >= 2, name  # both (all) models took part
+    finally:
+        for w in (*remote.values(), *local.values()):
+            await w.close()
