@@ -133,14 +133,14 @@ async def test_hf_close_is_bounded_while_a_forward_pass_runs() -> None:
     """Shutdown must not wait for a long pass (a 30k-token prefill took minutes): close returns, callers fail."""
     worker = HFWorker(load_config("arith-v1/small-only").models["small"].resolved_path())
     entered, release = threading.Event(), threading.Event()
-    forward = worker.model.forward
+    forward = worker._run_model  # the engine's one forward pass (the lean runner or transformers')
 
     def stuck_forward(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         release.wait(60)  # bounded: the test releases it at the end
         return forward(*args, **kwargs)
 
-    worker.model.forward = stuck_forward
+    worker._run_model = stuck_forward
     try:
         call = asyncio.ensure_future(worker.generate([5, 6, 7], GenParams(max_tokens=4)))
         assert await asyncio.to_thread(entered.wait, 30)
