@@ -1,6 +1,7 @@
 """Drafts from the target's own weights, measured: ``python -m evals.bench_drafts``.
 
-An arith world's large model alone (``--world arith2``, the default, or ``arith``: the first pair), with its int8 copy as the draft (ML-SpecQD), with the multi-level
+An arith world's large model alone (``--world arith2``, the default, or ``arith``: the first
+pair), with its int8 copy as the draft (ML-SpecQD), with the multi-level
 variant (the small model drafting for the int8 copy) and with Kangaroo (its first layers and an
 adapter trained by ``python -m evals.kangaroo_adapter``), on the same test problems, one request at a time (ms/token is latency, not
 throughput). Configurations are interleaved repeat by repeat, so that load drifts hit all of them
@@ -89,7 +90,8 @@ async def bench(args: argparse.Namespace) -> None:
         apd = [r["levels"][0]["accepted_per_draft"] for r in recs if r["levels"]]
         summary[name] = {"ms_per_token": ms, "accepted_per_draft_top_level": apd,
                          "all_same_tokens": all(r["same_tokens_as_large"] for r in recs)}
-    print(json.dumps({"summary": summary, "world": args.world, "problems": args.n, "repeats": args.repeats, "threads": args.threads,
+    print(json.dumps({"summary": summary, "world": args.world, "problems": args.n, "repeats": args.repeats,
+                      "threads": args.threads,
                       "k": args.k, "max_tokens": args.max_tokens}), flush=True)
 
 

@@ -191,7 +191,8 @@ def main() -> None:
     texts = None
     if args.texts is not None:
         texts = [json.loads(line)["text"] for line in args.texts.read_text().splitlines() if line.strip()]
-    train_adapter(args.model or str(default_target(args.world)), args.out, exit_layer=args.exit_layer, steps=args.steps, batch_size=args.batch_size,
+    train_adapter(args.model or str(default_target(args.world)), args.out, exit_layer=args.exit_layer,
+                  steps=args.steps, batch_size=args.batch_size,
                   lr=args.lr, seed=args.seed, minutes=args.minutes, eval_every=args.eval_every,
                   ckpt_every=args.eval_every, texts=texts, world=args.world)
 

@@ -246,12 +246,19 @@ def test_eval_with_a_dead_worker_writes_the_summary_and_exits_3(tmp_path, monkey
 
 # ---------------------------------------------------------------- Ctrl-C
 
+#: Runs a command as a terminal's job: SIGINT at its default. A test runner started in the background of a
+#: non-interactive shell (`cmd &`) inherits SIGINT ignored, and an ignored SIGINT stays ignored across exec, so
+#: the eval would never see the Ctrl-C (it ran all 200 problems and exited 0 in such a CI run).
+AS_A_TERMINAL_JOB = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                                           "os.execv(sys.argv[1], sys.argv[1:])"]
+
 
 @pytest.mark.timeout(300)
 def test_ctrl_c_writes_the_partial_summary_and_exits_quietly(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([REASONSPEC, "eval", "--config", "arith/small-only", "--limit", "200", "--concurrency", "2",
-                             "--out", str(out)], cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([*AS_A_TERMINAL_JOB, REASONSPEC, "eval", "--config", "arith/small-only", "--limit", "200",
+                             "--concurrency", "2", "--out", str(out)],
+                            cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # its own process group, as a terminal's job
     try:
         deadline = time.monotonic() + 240

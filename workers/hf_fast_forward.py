@@ -12,8 +12,8 @@ module once per pass (so every RoPE variant transformers implements stays right)
 
 The KV cache is the transformers ``Cache`` the engine already keeps (``Cache.update`` per layer),
 so prefix caching, stacking and unstacking are unchanged. Kangaroo's self-draft (the target's
-first layers and an attention-only adapter layer, ``workers.hf_drafts``) runs here too. Logits match transformers' own forward
-to float tolerance, and greedy output is identical (``tests/test_fast_forward.py``). A model this
+first layers and an attention-only adapter layer, ``workers.hf_drafts``) runs here too. Logits
+match transformers' own forward to float tolerance, and greedy output is identical (``tests/test_fast_forward.py``). A model this
 runner does not cover (another architecture, quantized or adapted projections, sliding windows,
 biased MLPs) returns None from ``FastForward.build`` and keeps transformers' path.
 """
@@ -41,7 +41,8 @@ class _Layer:
         if self.mlp:
             mlp = layer.mlp
             self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-            self.norm2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+            post = layer.post_attention_layernorm
+            self.norm2, self.eps2 = post.weight, post.variance_epsilon
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,7 +84,8 @@ class FastForward:
             return None  # a layer replaced by something this runner does not know
         if getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "mlp_bias", False):
             return None
-        if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or []):
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
             return None
         linear = [m for layer in model.model.layers for m in layer.modules() if "Linear" in type(m).__name__]
         if any(type(m) is not torch.nn.Linear for m in linear + [model.lm_head]):
