@@ -24,18 +24,16 @@ from typing import Any
 import torch
 
 from evals.arith.problems import ArithGenerator
+from evals.kangaroo_adapter import WORLDS, world_models
 from orchestrator.config import SpeculativeConfig
 from orchestrator.prompting import prompt_ids, to_messages
 from workers.hf_backend import HFWorker
 from workers.hf_drafts import draft_levels
 from workers.protocol import GenParams
 
-def models(world: str) -> Path:
-    return Path(__file__).parent / world / "models"
-
-
 def configs(world: str, k: int, adapter: Path) -> dict[str, SpeculativeConfig | None]:
-    small = SpeculativeConfig(method="draft", model=str(models(world) / "small"), num_speculative_tokens=max(1, k - 1))
+    small = SpeculativeConfig(method="draft", model=str(world_models(world) / "small"),
+                              num_speculative_tokens=max(1, k - 1))
     return {
         "large alone": None,
         "int8 draft": SpeculativeConfig(method="quantized", num_speculative_tokens=k),
@@ -54,7 +52,7 @@ async def run_once(worker: HFWorker, prompts: list[list[int]], max_tokens: int) 
 
 async def bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    large = str(models(args.world) / "large")
+    large = str(world_models(args.world) / "large")
     workers = {name: HFWorker(large, speculative=spec, threads=args.threads)
                for name, spec in configs(args.world, args.k, args.adapter).items()}
     tok = workers["large alone"].tokenizer
@@ -97,7 +95,7 @@ async def bench(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", choices=("arith", "arith2"), default="arith2")
+    ap.add_argument("--world", choices=WORLDS, default="arith2")
     ap.add_argument("--n", type=int, default=20, help="test problems")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per verification (the top level)")

@@ -38,8 +38,11 @@ from workers.hf_drafts import KANGAROO_EXIT_LAYER, KangarooAdapter, save_adapter
 WORLDS = ("arith", "arith2")
 
 
-def default_target(world: str) -> Path:
-    return Path(__file__).parent / world / "models" / "large"
+def world_models(world: str) -> Path:
+    """The folder of ``world``'s committed models (``small``, ``large``, ...)."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown arith world {world!r}: one of {', '.join(WORLDS)}")
+    return Path(__file__).parent / world / "models"
 
 
 def world_encoder(world: str, tok: object) -> ExampleEncoder:
@@ -48,10 +51,9 @@ def world_encoder(world: str, tok: object) -> ExampleEncoder:
     if world == "arith":
         return ExampleEncoder(tok)
     if world == "arith2":
-        from evals.arith2.chains import CAREFUL
-        from evals.arith2.train import ChainEncoder
+        from evals.arith2.train import STYLES, ChainEncoder
 
-        return ChainEncoder(tok, CAREFUL)
+        return ChainEncoder(tok, STYLES["large"])
     raise ValueError(f"unknown arith world {world!r}: one of {', '.join(WORLDS)}")
 Batch = dict[str, torch.Tensor]
 
@@ -191,7 +193,7 @@ def main() -> None:
     texts = None
     if args.texts is not None:
         texts = [json.loads(line)["text"] for line in args.texts.read_text().splitlines() if line.strip()]
-    train_adapter(args.model or str(default_target(args.world)), args.out, exit_layer=args.exit_layer,
+    train_adapter(args.model or str(world_models(args.world) / "large"), args.out, exit_layer=args.exit_layer,
                   steps=args.steps, batch_size=args.batch_size,
                   lr=args.lr, seed=args.seed, minutes=args.minutes, eval_every=args.eval_every,
                   ckpt_every=args.eval_every, texts=texts, world=args.world)
