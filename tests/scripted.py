@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.session import ModelHandle, Session
 from workers.protocol import Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerInfo, WorkerStats
-from workers.sampling import sampling_probs
+from workers.sampling import check_sample_reads, fill_sample_reads, sampling_probs
 
 EOS = 3
 
@@ -125,25 +125,24 @@ class TableWorker(_Base):
                           logprobs=lps if params.logprobs is not None else None)
 
     async def score(self, prefix_ids, continuation_ids, top_k=0, entropies=False, full_dists=False,
-                    full_next=False, sample: GenParams | None = None) -> Scores:
+                    full_next=False, sample: GenParams | None = None, draws: int = 0,
+                    candidates: list[list[int]] | None = None) -> Scores:
+        """As the backends answer it: the sampling reads come from the same ``fill_sample_reads``."""
         self.calls.append(("score", (len(prefix_ids), len(continuation_ids))))
+        check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.logits[0]))
         ctx = [*prefix_ids, *continuation_ids]
         n = len(prefix_ids)
         rows = [torch.log_softmax(self._at(ctx[: n + i]), -1) for i in range(len(continuation_ids) + 1)]
-        sampled = None
-        if sample is not None:
-            g = torch.Generator().manual_seed(sample.seed or 0)
-            sampled = [int(r.argmax()) if sample.greedy else int(torch.multinomial(
-                sampling_probs(r, sample.temperature, sample.top_k, sample.top_p), 1, generator=g)) for r in rows]
-        rows, nxt = rows[:-1], rows[-1]
-        return Scores(
+        out = Scores(
             logprobs=[float(r[t]) for r, t in zip(rows, continuation_ids)],
-            top=[_top(r, top_k) for r in rows] if top_k else None,
-            entropies=[float(-(r.exp() * r).sum()) for r in rows] if entropies else None,
-            dists=[r.tolist() for r in rows] if full_dists else None,
-            next_logprobs=nxt.tolist() if full_next else None,
-            sampled=sampled,
+            top=[_top(r, top_k) for r in rows[:-1]] if top_k else None,
+            entropies=[float(-(r.exp() * r).sum()) for r in rows[:-1]] if entropies else None,
+            dists=[r.tolist() for r in rows[:-1]] if full_dists else None,
+            next_logprobs=rows[-1].tolist() if full_next else None,
         )
+        if sample is not None:
+            fill_sample_reads(out, torch.stack(rows), continuation_ids, sample, draws, candidates)
+        return out
 
     async def next_token_logprobs(self, prefix_ids, candidates, top_k=0) -> NextToken:
         row = torch.log_softmax(self._at(list(prefix_ids)), -1)

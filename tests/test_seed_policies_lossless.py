@@ -25,6 +25,7 @@ from policies.divergences import bucket_top_k, divergence
 from policies.hierarchical import HierarchicalParams
 from policies.multi_candidate import MultiCandidateParams
 from policies.pyramid import PyramidParams
+from policies import speculative
 from policies.speculative import SpeculativeParams, recursive_accept
 from tests.scripted import EOS, CharTokenizer, TableWorker
 from workers.protocol import GenParams
@@ -101,6 +102,24 @@ def trio():
 
 
 # ------------------------------------------------------------------ the rules, position by position
+
+
+@pytest.mark.parametrize(("draws", "asks"), [(16, 4), (1, 4), (1, 1)])
+async def test_speculative_sampling_through_draws_fits_the_target(monkeypatch, draws, asks):
+    """Lossless SD reads p and q at a few tokens; the residual comes from draws of p (rejection sampling).
+
+    One draw per position makes the residual's later asks common (and, with one ask, its
+    last resort: the two rows): every path must still write the large model's distribution,
+    here under temperature and top-k, whose zeros the draws must respect.
+    """
+    monkeypatch.setattr(speculative, "RESIDUAL_DRAWS", draws)
+    monkeypatch.setattr(speculative, "RESIDUAL_ASKS", asks)
+    workers = {"small": markov(SMALL), "large": markov(LARGE)}
+    n = 1500
+    counts = await outputs(SpeculativeParams(draft_tokens=2), workers, n, 3, temperature=0.8, top_k=3)
+    assert chi_square_p(counts, exact(LARGE, 3, 0.8, 3), n) > 1e-3, counts
+    later_asks = [c for c in workers["large"].calls if c == ("score", (c[1][0], 0))]
+    assert (len(later_asks) > 0) == (draws == 1)
 
 
 @pytest.mark.parametrize("replacement", [True, False])

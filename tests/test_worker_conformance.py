@@ -7,6 +7,7 @@ every backend must agree with it, and so with every other backend.
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orchestrator.prompting import prompt_ids, to_messages
 from tests.conftest import arith_model
 from workers.protocol import GenParams, WorkerError
+from workers.sampling import sampling_probs
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -108,6 +110,30 @@ async def test_score_returns_the_model_tokens_from_the_same_pass(small_worker, t
     else:
         assert all(lp[j, t] > -30 for j, t in enumerate(s.sampled))  # drawn from each row's support
         assert (await small_worker.score(ids, cont, sample=params)).sampled == s.sampled  # seeded
+
+
+async def test_sampling_reads_are_the_sampling_distribution_at_a_few_tokens(small_worker, tok, ref):
+    """What lossless speculative sampling reads instead of rows: p at the continuation, draws, candidates."""
+    ids = ids_for(tok, PROBLEMS[4])
+    cont = tok.encode("70 - 33 = 37\n\n", add_special_tokens=False)
+    params = GenParams(temperature=0.8, top_k=20, seed=11)
+    want = sampling_probs(ref_logprobs(ref, ids + cont)[len(ids) - 1 :], 0.8, 20).log()
+    candidates = [[t, (t + 1) % 400, 3] for t in cont]
+    s = await small_worker.score(ids, cont, sample=params, draws=5, candidates=candidates)
+    assert s.dists is None and s.next_logprobs is None
+    assert s.sample_logprobs == pytest.approx([float(want[j, t]) for j, t in enumerate(cont)], abs=1e-3)
+    assert len(s.draws) == len(cont) + 1 and all(len(d) == 5 for d in s.draws)
+    for j, (d, lps) in enumerate(zip(s.draws, s.draw_logprobs)):
+        assert lps == pytest.approx([float(want[j, t]) for t in d], abs=1e-3) and min(lps) > -math.inf  # in support
+    for j, (c, lps) in enumerate(zip(candidates, s.candidate_logprobs)):
+        assert [max(x, -1e9) for x in lps] == pytest.approx([max(float(want[j, t]), -1e9) for t in c], abs=1e-3)
+    assert (await small_worker.score(ids, cont, sample=params)).sampled == s.sampled  # draws come after sampled
+    after = await small_worker.score([*ids, *cont], [], sample=params, draws=3, candidates=[[5]])
+    assert len(after.draws) == 1 and len(after.candidate_logprobs) == 1 and after.sample_logprobs == []
+    with pytest.raises(WorkerError, match="temperature > 0"):
+        await small_worker.score(ids, cont, sample=GenParams(), draws=2)
+    with pytest.raises(WorkerError, match="positions"):
+        await small_worker.score(ids, cont[:2], sample=params, candidates=[[1]] * 4)
 
 
 async def test_generation_logprobs_agree_with_score(small_worker, tok):

@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.hf_fast_forward import FastForward
 from workers.prefix_cache import KV, PrefixCache
-from workers.sampling import sampling_probs
+from workers.sampling import check_sample_reads, fill_sample_reads, sampling_probs
 from workers.timing import BusyClock, CallClock, PhaseClock
 from workers.protocol import (
     CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
@@ -148,6 +148,8 @@ class _Request:
     full_dists: bool = False
     full_next: bool = False
     sample: GenParams | None = None
+    draws: int = 0
+    row_candidates: list[list[int]] | None = None  # a score's candidates per row (``Worker.score``)
     candidates: list[int] = field(default_factory=list)
     payload: Any = None  # a swap's new model
     # runtime state
@@ -269,13 +271,17 @@ class HFWorker:
         full_dists: bool = False,
         full_next: bool = False,
         sample: GenParams | None = None,
+        draws: int = 0,
+        candidates: list[list[int]] | None = None,
     ) -> Scores:
         if not prefix_ids:
             raise WorkerError("score needs a non-empty prefix")
         self._check_fits(len(prefix_ids) + len(continuation_ids), "score")
+        check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.tokenizer))
         req = _Request(
             "score", list(prefix_ids) + list(continuation_ids), *self._future(), n_prefix=len(prefix_ids),
             top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next, sample=sample,
+            draws=draws, row_candidates=candidates,
         )
         return await self._submit(req)
 
@@ -553,7 +559,7 @@ class HFWorker:
         if r.full_next:
             out.next_logprobs = torch.log_softmax(lg[len(cont)], -1).tolist()
         if r.sample is not None:
-            out.sampled = self._draw(lg[: len(cont) + 1], r.sample)
+            fill_sample_reads(out, lg[: len(cont) + 1], r.ids[r.n_prefix :], r.sample, r.draws, r.row_candidates)
         out.timing = self._timing(r)
         return out
 
@@ -562,13 +568,6 @@ class HFWorker:
         timing = r.clock.timing()
         self._stats.queue_s += timing.queue_s
         return timing
-
-    def _draw(self, logits: torch.Tensor, params: GenParams) -> list[int]:
-        """The model's own token at each row: argmax under greedy params, else one seeded draw per row."""
-        if params.greedy:
-            return logits.argmax(-1).tolist()
-        probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
-        return torch.multinomial(probs, 1, generator=self._rng(params))[:, 0].tolist()
 
     # ---------------------------------------------------------------- decode
 

@@ -92,6 +92,13 @@ class Scores(_Msg):
     otherwise. Token-level policies read their replacement or bonus token from it,
     so it comes from the same forward pass and no vocabulary-sized row crosses the
     protocol.
+
+    Sampling reads (non-greedy ``sample`` only; ``workers.sampling.fill_sample_reads``),
+    log-probs of the *sampling* distribution (temperature, top-k, top-p applied):
+    ``sample_logprobs`` of each continuation token; ``draws``/``draw_logprobs``: per
+    row (continuation positions and the one after), that many further draws when
+    asked; ``candidate_logprobs``: of the asked ``candidates`` at each row. Lossless
+    speculative sampling reads p and q through these: O(draft length) numbers a round.
     """
 
     logprobs: list[float]
@@ -100,6 +107,10 @@ class Scores(_Msg):
     dists: list[list[float]] | None = None
     next_logprobs: list[float] | None = None
     sampled: list[int] | None = None
+    sample_logprobs: list[float] | None = None
+    draws: list[list[int]] | None = None
+    draw_logprobs: list[list[float]] | None = None
+    candidate_logprobs: list[list[float]] | None = None
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     timing: CallTiming | None = None
@@ -174,6 +185,8 @@ class Worker(Protocol):
         full_dists: bool = False,
         full_next: bool = False,
         sample: GenParams | None = None,
+        draws: int = 0,
+        candidates: list[list[int]] | None = None,
     ) -> Scores: ...
 
     async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken: ...

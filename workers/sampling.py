@@ -1,13 +1,17 @@
-"""The sampling distribution implied by temperature / top-k / top-p.
+"""The sampling distribution implied by temperature / top-k / top-p, and what a score call reads from it.
 
-Shared by the hf backend (to sample) and by lossless speculative decoding (to
-compute p and q for the accept/reject rule), so both agree exactly on what
-distribution a sampled token came from.
+Shared by the backends (to sample, and to answer ``Worker.score``'s sampling reads)
+and by lossless speculative decoding (to compute p and q for the accept/reject
+rule), so all agree exactly on what distribution a sampled token came from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from workers.protocol import GenParams, Scores, WorkerError
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -24,3 +28,50 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def check_sample_reads(n_continuation: int, sample: GenParams | None, draws: int,
+                       candidates: list[list[int]] | None, vocab_size: int) -> None:
+    """Reject a score call's ``draws``/``candidates`` that no sampling distribution can answer (before any work)."""
+    if draws < 0:
+        raise WorkerError(f"draws must be >= 0, got {draws}")
+    if not draws and candidates is None:
+        return
+    if sample is None or sample.greedy:
+        raise WorkerError("draws and candidates read a sampling distribution: pass sample params with temperature > 0")
+    if candidates is not None:
+        if len(candidates) > n_continuation + 1:
+            raise WorkerError(f"candidates for {len(candidates)} positions, but a continuation of {n_continuation} "
+                              f"tokens has {n_continuation + 1}")
+        bad = [t for row in candidates for t in row if not 0 <= t < vocab_size]
+        if bad:
+            raise WorkerError(f"candidate token ids outside the vocabulary of {vocab_size}: {bad[:5]}")
+
+
+def fill_sample_reads(scores: Scores, rows: torch.Tensor, continuation: Sequence[int], sample: GenParams,
+                      draws: int = 0, candidates: list[list[int]] | None = None) -> None:
+    """Answer a score call's sampling reads from its rows (logits or log-probs, one per continuation token + 1).
+
+    ``sampled``: the argmax under greedy params, else one seeded draw per row; then,
+    from the same generator (so ``sampled`` does not depend on them), ``draws`` more
+    draws per row with their sampling log-probs; ``sample_logprobs``: the sampling
+    log-prob of each continuation token; ``candidate_logprobs[i]``: that of each token of
+    ``candidates[i]`` at row i. Lossless verification reads p and q at a few tokens
+    through these instead of moving vocabulary-sized rows.
+    """
+    if sample.greedy:
+        scores.sampled = rows.argmax(-1).tolist()
+        return
+    probs = sampling_probs(rows, sample.temperature, sample.top_k, sample.top_p)
+    rng = torch.Generator(device=rows.device).manual_seed(sample.seed) if sample.seed is not None else None
+    scores.sampled = torch.multinomial(probs, 1, generator=rng)[:, 0].tolist()
+    logp = probs.log()
+    cont = torch.as_tensor(list(continuation), dtype=torch.long, device=rows.device)
+    scores.sample_logprobs = logp[: len(cont)].gather(1, cont[:, None])[:, 0].tolist()
+    if draws:
+        drawn = torch.multinomial(probs, draws, replacement=True, generator=rng)
+        scores.draws = drawn.tolist()
+        scores.draw_logprobs = logp.gather(1, drawn).tolist()
+    if candidates is not None:
+        scores.candidate_logprobs = [logp[i, torch.as_tensor(c, dtype=torch.long, device=rows.device)].tolist()
+                                     for i, c in enumerate(candidates)]

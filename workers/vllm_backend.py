@@ -59,7 +59,7 @@ from workers.protocol import (
     CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
     vocab_fingerprint,
 )
-from workers.sampling import sampling_probs
+from workers.sampling import check_sample_reads, fill_sample_reads
 from workers.timing import BusyClock
 
 # Our method names -> vLLM's ``speculative_config["method"]``.
@@ -282,11 +282,14 @@ class VLLMWorker:
         full_dists: bool = False,
         full_next: bool = False,
         sample: GenParams | None = None,
+        draws: int = 0,
+        candidates: list[list[int]] | None = None,
     ) -> Scores:
         if not prefix_ids:
             raise WorkerError("score needs a non-empty prefix")
-        prompt = [*prefix_ids, *continuation_ids]
         n = len(continuation_ids)
+        check_sample_reads(n, sample, draws, candidates, len(self.tokenizer))
+        prompt = [*prefix_ids, *continuation_ids]
         # a sampled draw needs whole rows (kept in this process); a greedy one only the rank-1 token
         draw = sample is not None and not sample.greedy
         full = full_dists or entropies or draw
@@ -341,10 +344,7 @@ class VLLMWorker:
                 scores.next_logprobs = next_row
         if sample is not None:
             if draw:
-                rows = torch.tensor([*dists, next_row])
-                probs = sampling_probs(rows, sample.temperature, sample.top_k, sample.top_p)
-                rng = torch.Generator().manual_seed(sample.seed) if sample.seed is not None else None
-                scores.sampled = torch.multinomial(probs, 1, generator=rng)[:, 0].tolist()
+                fill_sample_reads(scores, torch.tensor([*dists, next_row]), continuation_ids, sample, draws, candidates)
             else:  # greedy: the engine's own (temperature 0) next token is the argmax after the continuation
                 scores.sampled = [*best, out.outputs[0].token_ids[0]]
         self._stats.prompt_tokens += len(prefix_ids)
