@@ -100,3 +100,34 @@ async def test_a_finished_row_is_answered_while_its_round_decodes(engines: Any) 
     # it joins at the next round boundary (<= round_steps), then one prefill and one decode step (the old engine: 79)
     assert len(short.token_ids) == 2 and passes <= 2 * worker.round_steps and not long.done(), passes
     assert len((await long).token_ids) > 4 * worker.round_steps
+
+
+def lookup_reference(seq: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    """Prompt lookup as its definition reads: the latest earlier occurrence of the longest matching tail."""
+    for n in range(min(n_max, len(seq) - 1), n_min - 1, -1):
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start : start + n] == seq[-n:]:
+                return seq[start + n : start + n + k]
+    return []
+
+
+def test_vectorised_ngram_lookup_equals_its_definition_as_rows_grow() -> None:
+    """Random rows over small vocabularies (many partial matches), extended token by token as in decoding."""
+    import random
+
+    from workers.hf_backend import _Request
+    from workers.hf_speculation import NgramProposer
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n_min = rng.randint(1, 3)
+        n_max = rng.randint(n_min, 5)
+        proposer = NgramProposer(rng.randint(1, 5), n_min, n_max)
+        vocab = rng.randint(1, 6)
+        row = _Request("generate", [rng.randrange(vocab) for _ in range(rng.randint(1, 30))], None, None,
+                       params=GenParams(max_tokens=40))
+        for _ in range(rng.randint(1, 20)):
+            k = min(proposer.k, row.params.max_tokens - len(row.generated) - 1)
+            want = lookup_reference(row.ids + row.generated, k, n_min, n_max) if k > 0 else []
+            assert proposer.propose([row]) == [want]
+            row.generated.append(rng.randrange(vocab))
