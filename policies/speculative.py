@@ -10,10 +10,11 @@ reduces to "keep draft tokens equal to the large model's argmax", and the output
 equals LargeOnly's token for token.
 
 Between processes the rule moves a few numbers per draft token, never a row:
-p and q at the draft tokens, a handful of draws from p per position, and q at
-those draws; at a rejection the residual is drawn by rejection sampling from p's
-draws (``residual_pick``), so verification crosses the worker boundary in
-O(draft length) numbers however large the vocabulary.
+q at the draft tokens (returned with the draft), p there and a handful of draws
+from p per position (the large model's pass), and, at a rejection, q at that
+position's draws; the residual is drawn by rejection sampling from p's draws
+(``residual_pick``), so verification crosses the worker boundary in O(draft
+length) numbers however large the vocabulary.
 
 The rules here are shared: ``lossless`` is every level's rule in hierarchical
 speculative decoding (``policies.hierarchical``), ``recursive_accept`` the
@@ -146,13 +147,19 @@ class SpeculativeDecoding(DraftVerifyPolicy):
     name = "speculative"
     params: SpeculativeParams
 
+    async def draft(self, session: Session, ids: Sequence[int]) -> Generation:
+        """Under sampling the draft carries q at each of its tokens, as drawn (``GenParams.sample_logprobs``)."""
+        return await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left),
+                                      sample_logprobs=not session.params.greedy)
+
     async def verify(self, session: Session, ids: Sequence[int], draft: Generation) -> tuple[int, int | None]:
         """Greedy: the large model's argmax, read in the worker. Sampling: p and q at a few tokens each.
 
-        The large model's pass returns p at each draft token, ``RESIDUAL_DRAWS`` draws
-        from p per position and its own draw after the draft (the bonus token); the
-        small model's pass returns q at the draft tokens and at those draws. No row of
-        either distribution crosses the boundary: O(draft length) numbers a round.
+        The draft came with q at its tokens; the large model's pass returns p there,
+        ``RESIDUAL_DRAWS`` draws from p per position and its own draw after the draft
+        (the bonus token). Only at a rejection is the small model asked again, for q
+        at that position's draws (a one-row call: its cache holds the prefix). No row
+        of either distribution crosses the boundary: O(draft length) numbers a round.
         """
         tokens = draft.token_ids
         ended = draft.finish_reason == "eos"
@@ -160,14 +167,15 @@ class SpeculativeDecoding(DraftVerifyPolicy):
             s = await session.score("large", ids, tokens, sample=session.gen_params())
             return greedy_match(tokens, s.sampled, ended)
         ps = await session.score("large", ids, tokens, sample=session.gen_params(), draws=RESIDUAL_DRAWS)
-        qs = await session.score("small", ids, tokens, sample=session.gen_params(), candidates=ps.draws[: len(tokens)])
         rng = session.generator()
-        i = first_rejection(ps.sample_logprobs, qs.sample_logprobs, rng)
+        i = first_rejection(ps.sample_logprobs, draft.sample_logprobs, rng)
         if i == len(tokens):
             return i, None if ended else ps.sampled[i]
-        token = residual_pick(ps.draws[i], ps.draw_logprobs[i], qs.candidate_logprobs[i], rng)
+        prefix = [*ids, *tokens[:i]]
+        qs = await session.score("small", prefix, [], sample=session.gen_params(), candidates=[ps.draws[i]])
+        token = residual_pick(ps.draws[i], ps.draw_logprobs[i], qs.candidate_logprobs[0], rng)
         if token is None:
-            token = await self.residual(session, [*ids, *tokens[:i]], RESIDUAL_DRAWS * RESIDUAL_GROWTH)
+            token = await self.residual(session, prefix, RESIDUAL_DRAWS * RESIDUAL_GROWTH)
         return i, token
 
     async def residual(self, session: Session, prefix: list[int], draws: int) -> int:

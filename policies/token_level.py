@@ -33,6 +33,7 @@ def cut(session: Session, draft: Generation, n: int) -> Generation:
         "token_ids": draft.token_ids[:n], "text": session.models["small"].decode(draft.token_ids[:n]),
         "finish_reason": "length", "stop_reason": None,
         "logprobs": draft.logprobs[:n] if draft.logprobs is not None else None,
+        "sample_logprobs": draft.sample_logprobs[:n] if draft.sample_logprobs is not None else None,
     })
 
 

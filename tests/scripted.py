@@ -110,10 +110,12 @@ class TableWorker(_Base):
         g = torch.Generator().manual_seed(params.seed or 0)
         ids = list(prompt_ids)
         out, lps = [], []
+        drawn = []
         for _ in range(params.max_tokens):
             row = self._at(ids)
-            tok = int(row.argmax()) if params.greedy else int(torch.multinomial(
-                sampling_probs(row, params.temperature, params.top_k, params.top_p), 1, generator=g))
+            probs = sampling_probs(row, params.temperature, params.top_k, params.top_p)
+            tok = int(row.argmax()) if params.greedy else int(torch.multinomial(probs, 1, generator=g))
+            drawn.append(math.log(float(probs[tok])))
             out.append(tok)
             ids.append(tok)
             if params.logprobs is not None:  # as the hf backend reports them: raw log-softmax, top-k by rank
@@ -122,7 +124,8 @@ class TableWorker(_Base):
             if tok == EOS:
                 break
         return Generation(token_ids=out, text="", finish_reason="eos" if out[-1] == EOS else "length",
-                          logprobs=lps if params.logprobs is not None else None)
+                          logprobs=lps if params.logprobs is not None else None,
+                          sample_logprobs=drawn if params.sample_logprobs and not params.greedy else None)
 
     async def score(self, prefix_ids, continuation_ids, top_k=0, entropies=False, full_dists=False,
                     full_next=False, sample: GenParams | None = None, draws: int = 0,

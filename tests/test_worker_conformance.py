@@ -136,6 +136,19 @@ async def test_sampling_reads_are_the_sampling_distribution_at_a_few_tokens(smal
         await small_worker.score(ids, cont[:2], sample=params, candidates=[[1]] * 4)
 
 
+async def test_generation_returns_the_sampling_logprob_of_each_token_as_drawn(small_worker, tok):
+    """``sample_logprobs``: q(x) of each drawn token, what lossless verification reads from a draft."""
+    ids = ids_for(tok, PROBLEMS[1])
+    params = GenParams(max_tokens=12, temperature=0.7, top_p=0.9, seed=3, sample_logprobs=True, logprobs=2)
+    g = await small_worker.generate(ids, params)
+    s = await small_worker.score(ids, g.token_ids, sample=params)
+    assert g.sample_logprobs == pytest.approx(s.sample_logprobs, abs=1e-3) and max(g.sample_logprobs) <= 0
+    assert all(len(x.top) == 2 for x in g.logprobs)  # the top-k asked, though the engine read whole rows
+    plain = await small_worker.generate(ids, params.model_copy(update={"sample_logprobs": False}))
+    assert plain.sample_logprobs is None and plain.token_ids == g.token_ids  # the same draws either way
+    assert (await small_worker.generate(ids, GenParams(max_tokens=4, sample_logprobs=True))).sample_logprobs is None
+
+
 async def test_generation_logprobs_agree_with_score(small_worker, tok):
     ids = ids_for(tok, PROBLEMS[0])
     g = await small_worker.generate(ids, GenParams(max_tokens=10, logprobs=2))

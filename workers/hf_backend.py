@@ -9,7 +9,9 @@ queued to it; it serves them in shared forward passes:
   tokens, per-row position ids);
 - **decode rounds**: active generations are stacked into one batched KV cache and
   decoded together for up to ``round_steps`` steps, or until all stop; new
-  arrivals join at the next round, so stacking costs are paid once per round.
+  arrivals join at the next round. The batched cache is kept from round to round
+  while its rows stay the same (a prefill's batch goes on decoding as it is), so
+  a long generation is not copied whole every round: only when rows join or leave.
   A row that finishes is answered at once (its KV sliced out of the round's
   cache), not at the round's end: its caller's next request is queued while
   the others decode, and it ends the round after ``round_steps``.
@@ -22,6 +24,7 @@ pays only for its new tokens.
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import threading
 import time
@@ -158,6 +161,7 @@ class _Request:
     source: int | None = None
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    sample_logprobs: list[float] = field(default_factory=list)
     rng: torch.Generator | None = None
     forward_passes: int = 0
     done: bool = False
@@ -182,6 +186,24 @@ class _Request:
                 self.future.set_result(value)
 
         self.loop.call_soon_threadsafe(_set)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Rows decoding together: one batched cache, its padding-and-holes mask, each row's length.
+
+    Kept by the engine from one round to the next while its rows stay the same
+    (``HFWorker._hold``), so a long request is not re-stacked (copied whole) every
+    round; rows get their own caches back only when the batch changes.
+    """
+
+    rows: tuple[_Request, ...]  # a snapshot: the engine's own lists of active rows change under it
+    cache: Cache
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+    def serves(self, rows: list[_Request]) -> bool:
+        return len(rows) == len(self.rows) and all(a is b for a, b in zip(rows, self.rows))
 
 
 class HFWorker:
@@ -232,6 +254,7 @@ class HFWorker:
         self._closed = False
         self._pending: set[_Request] = set()  # submitted, not answered yet: failed by close
         self._pieces: dict[int, str] = {}  # token id -> its text alone (the stop-string pre-check)
+        self._held: _Batch | None = None  # the last round's batch, kept while its rows go on together
         self.speculator = None
         if speculative is not None and getattr(speculative, "method", None):
             from workers.hf_speculation import make_speculator
@@ -388,6 +411,7 @@ class HFWorker:
             self._serve()
         finally:
             self._busy.leave()
+            self._held = None
             if self._closed:
                 self.cache.clear()
 
@@ -453,13 +477,15 @@ class HFWorker:
 
     # ---------------------------------------------------------------- forward
 
-    def _forward(self, rows: list[tuple[KV | None, list[int]]], keep: list[int]) -> tuple[list[torch.Tensor], list[KV]]:
+    def _forward(self, rows: list[tuple[KV | None, list[int]]],
+                 keep: list[int]) -> tuple[list[torch.Tensor], list[KV], _Batch]:
         """One padded forward over rows of (cached KV, new tokens).
 
         Returns per row the logits of its last ``keep[i]`` new tokens (the positions
-        its request reads: one for a generation, the continuation for a score) and
-        its updated KV. Logits are computed for those positions only: over a long
-        uncached prompt the full ``positions x vocabulary`` matrix would not fit.
+        its request reads: one for a generation, the continuation for a score), its
+        updated KV, and the pass's batch (rows unset), which can go on decoding as
+        it is. Logits are computed for those positions only: over a long uncached
+        prompt the full ``positions x vocabulary`` matrix would not fit.
         """
         pasts = [0 if kv is None else kv[0][0].shape[2] for kv, _ in rows]
         news = [len(ids) for _, ids in rows]
@@ -475,7 +501,8 @@ class HFWorker:
         cache = stack_kv([kv for kv, _ in rows], P)
         k = max(keep)  # rows are right-aligned: the last k positions cover every row's reads
         logits = self._run_model(input_ids, mask, positions, cache, k)
-        return [logits[i, k - m :] for i, m in enumerate(keep)], unstack_kv(cache, mask)
+        batch = _Batch((), cache, mask, torch.tensor(pasts) + torch.tensor(news))
+        return [logits[i, k - m :] for i, m in enumerate(keep)], unstack_kv(cache, mask), batch
 
     def _run_model(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                    keep: int = 0) -> torch.Tensor:
@@ -513,7 +540,7 @@ class HFWorker:
             self._stats.requests += 1
             self._stats.prompt_tokens += len(r.ids) if r.kind != "score" else r.n_prefix
             self._stats.cached_prompt_tokens += cached
-        logits, kvs = self._forward(rows, keep)
+        logits, kvs, batch = self._forward(rows, keep)
         still_active = []
         for r, lg, kv in zip(reqs, logits, kvs):
             r.kv = kv
@@ -537,6 +564,9 @@ class HFWorker:
                     self._finish(r)
                 else:
                     still_active.append(r)
+        if self._held is None and len(still_active) == len(reqs):  # every row decodes on: the pass's batch goes on
+            batch.rows = tuple(still_active)
+            self._hold(batch)
         return still_active
 
     def _scores(self, r: _Request, lg: torch.Tensor) -> Scores:
@@ -583,7 +613,10 @@ class HFWorker:
         if p.greedy:
             return int(logits.argmax())
         probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=r.rng))
+        tok = int(torch.multinomial(probs, 1, generator=r.rng))
+        if p.sample_logprobs:
+            r.sample_logprobs.append(math.log(float(probs[tok])))
+        return tok
 
     def _accept_token(self, r: _Request, logits: torch.Tensor) -> int:
         """Sample the next token of ``r``, append it and decide whether ``r`` is finished."""
@@ -625,15 +658,34 @@ class HFWorker:
         hits = [s for s in r.params.stop if s in tail]
         return min(hits, key=tail.find) if hits else None
 
-    @staticmethod
-    def _stack(active: list[_Request]) -> tuple[Cache, torch.Tensor, torch.Tensor]:
-        """One batched cache for a round, its padding mask and each row's length."""
+    #: Share of a held batch's cache that may be padding or rejected proposals' holes before it is compacted.
+    MAX_HOLES = 0.25
+
+    def _hold(self, batch: _Batch) -> None:
+        """Keep ``batch`` for the next round, unless holes make it wasteful to attend over."""
+        if float(batch.mask.float().mean()) >= 1 - self.MAX_HOLES:
+            self._held = batch
+        else:
+            self._release(batch)
+
+    def _release(self, batch: _Batch) -> None:
+        """Give ``batch``'s rows their own caches again (the batch is about to change)."""
+        for r, kv in zip(batch.rows, unstack_kv(batch.cache, batch.mask)):
+            r.kv = kv
+
+    def _batch(self, active: list[_Request]) -> _Batch:
+        """The round's batch: the held one when it serves exactly ``active``, else ``active`` stacked afresh."""
+        held, self._held = self._held, None
+        if held is not None and held.serves(active):
+            return held
+        if held is not None:
+            self._release(held)
         pasts = [r.kv[0][0].shape[2] for r in active]
         P = max(pasts)
         mask = torch.zeros((len(active), P), dtype=torch.long)
         for i, p in enumerate(pasts):
             mask[i, P - p :] = 1
-        return stack_kv([r.kv for r in active], P), mask, torch.tensor(pasts)
+        return _Batch(tuple(active), stack_kv([r.kv for r in active], P), mask, torch.tensor(pasts))
 
     def _decode_round(self, active: list[_Request]) -> list[_Request]:
         """Decode ``active`` together for up to ``round_steps`` steps (more if nobody waits).
@@ -643,7 +695,8 @@ class HFWorker:
         masked out of the shared cache rather than cropped, since rows differ.
         """
         t_step = time.perf_counter()
-        cache, mask, lengths = self._stack(active)
+        batch = self._batch(active)
+        cache, mask, lengths = batch.cache, batch.mask, batch.lengths
         B = len(active)
         alive = [True] * B
         steps = 0
@@ -697,6 +750,9 @@ class HFWorker:
                     or steps >= 4 * self.round_steps or self._closed):
                 break
         still = [i for i in range(B) if alive[i]]
+        if len(still) == B:  # the same rows go on: keep their batch rather than take it apart
+            self._hold(_Batch(tuple(active), cache, mask, lengths))
+            return active
         t0 = time.perf_counter()  # taking each row's KV out of the round's cache is its own work
         kvs = unstack_kv(cache, mask[still], rows=still) if still else []
         spent = time.perf_counter() - t0
@@ -728,6 +784,7 @@ class HFWorker:
                 finish_reason=reason,
                 stop_reason=stop,
                 logprobs=r.logprobs if r.params.logprobs is not None else None,
+                sample_logprobs=r.sample_logprobs if r.params.sample_logprobs and not r.params.greedy else None,
                 prompt_tokens=len(r.ids),
                 cached_prompt_tokens=r.cached,
                 forward_passes=r.forward_passes,

@@ -35,6 +35,8 @@ class GenParams(_Msg):
     top_k: int = Field(0, ge=0, description="0 = disabled")
     seed: int | None = None
     logprobs: int | None = Field(None, ge=0, description="top-k logprobs per generated token; 0 = sampled token only")
+    sample_logprobs: bool = Field(False, description="each generated token's log-prob under the sampling "
+                                  "distribution (temperature, top-k, top-p applied; non-greedy only)")
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +76,7 @@ class Generation(_Msg):
     finish_reason: Literal["stop", "length", "eos"]
     stop_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    sample_logprobs: list[float] | None = None  # ``GenParams.sample_logprobs``: q(x) of each token, as drawn
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     forward_passes: int = 0

@@ -59,7 +59,7 @@ from workers.protocol import (
     CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
     vocab_fingerprint,
 )
-from workers.sampling import check_sample_reads, fill_sample_reads
+from workers.sampling import check_sample_reads, fill_sample_reads, sampling_probs
 from workers.timing import BusyClock
 
 # Our method names -> vLLM's ``speculative_config["method"]``.
@@ -228,6 +228,10 @@ class VLLMWorker:
     async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
         if not prompt_ids:
             raise WorkerError("generate needs a non-empty prompt")
+        reads = params.sample_logprobs and not params.greedy
+        # vLLM detokenizes every token of every logprob row (a whole vocabulary per position when reads
+        # need rows): without stop strings to match, decode the text here instead
+        detokenize = not reads or bool(params.stop)
         sp = SamplingParams(
             max_tokens=params.max_tokens,
             stop=list(params.stop) or None,
@@ -236,8 +240,10 @@ class VLLMWorker:
             top_p=params.top_p,
             top_k=params.top_k,
             seed=params.seed,
-            logprobs=params.logprobs,
+            # the sampling log-prob of a drawn token needs its whole row (the normaliser after temperature)
+            logprobs=-1 if reads else params.logprobs,
             flat_logprobs=True,
+            detokenize=detokenize,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         out = await self._run(prompt_ids, sp)
@@ -256,16 +262,24 @@ class VLLMWorker:
             logprobs = []
             for pos in range(len(token_ids)):
                 ids, lps = _position(comp.logprobs, pos)
-                logprobs.append(TokenLogprob(token_id=ids[0], logprob=lps[0], top=dict(zip(ids[1:], lps[1:]))))
+                k = 1 + params.logprobs  # the drawn token, then the top ones by rank
+                logprobs.append(TokenLogprob(token_id=ids[0], logprob=lps[0], top=dict(zip(ids[1:k], lps[1:k]))))
+        sample_logprobs = None
+        if reads:
+            rows = torch.stack([_dense(*(x[1:] for x in _position(comp.logprobs, pos)))
+                                for pos in range(len(token_ids))])
+            probs = sampling_probs(rows, params.temperature, params.top_k, params.top_p)
+            sample_logprobs = probs.gather(1, torch.tensor(token_ids)[:, None])[:, 0].log().tolist()
         accepted = _accepted_draft_tokens(comp.spec_decode_metrics)
         self._stats.prompt_tokens += len(prompt_ids)
         self._stats.generated_tokens += len(token_ids)
         return Generation(
             token_ids=token_ids,
-            text=comp.text,
+            text=comp.text if detokenize else self.tokenizer.decode(token_ids, skip_special_tokens=True),
             finish_reason=finish,
             stop_reason=stop,
             logprobs=logprobs,
+            sample_logprobs=sample_logprobs,
             prompt_tokens=len(prompt_ids),
             cached_prompt_tokens=out.num_cached_tokens,
             # every engine step yields one token plus the drafts it accepted
@@ -314,8 +328,7 @@ class VLLMWorker:
         scores = Scores(logprobs=[], prompt_tokens=len(prefix_ids), cached_prompt_tokens=out.num_cached_tokens,
                         timing=timing)
         top: list[dict[int, float]] = []
-        ents: list[float] = []
-        dists: list[list[float]] = []
+        dense: list[torch.Tensor] = []
         best: list[int] = []
         pl = out.prompt_logprobs
         # rows are indexed from the end: Model Runner V2 leaves out the rows of cached tokens
@@ -328,23 +341,22 @@ class VLLMWorker:
             if sample is not None and not draw:
                 best.append(ids[1])
             if full:
-                dist = _dense(ids[1:], lps[1:])
-                ents.append(-sum(math.exp(lp) * lp for lp in dist if lp > -math.inf))
-                dists.append(dist)
+                dense.append(_dense(ids[1:], lps[1:]))
+        rows = torch.stack(dense) if dense else torch.empty(0)
         if top_k:
             scores.top = top
         if entropies:
-            scores.entropies = ents
+            scores.entropies = (-(rows.exp() * rows).nan_to_num().sum(-1)).tolist() if dense else []
         if full_dists:
-            scores.dists = dists
+            scores.dists = rows.tolist()
         if full_next or draw:
-            ids, lps = _position(out.outputs[0].logprobs, 0)
-            next_row = _dense(ids[1:], lps[1:])
+            next_row = _dense(*(x[1:] for x in _position(out.outputs[0].logprobs, 0)))
             if full_next:
-                scores.next_logprobs = next_row
+                scores.next_logprobs = next_row.tolist()
         if sample is not None:
             if draw:
-                fill_sample_reads(scores, torch.tensor([*dists, next_row]), continuation_ids, sample, draws, candidates)
+                all_rows = torch.cat([rows, next_row[None]]) if dense else next_row[None]
+                fill_sample_reads(scores, all_rows, continuation_ids, sample, draws, candidates)
             else:  # greedy: the engine's own (temperature 0) next token is the argmax after the continuation
                 scores.sampled = [*best, out.outputs[0].token_ids[0]]
         self._stats.prompt_tokens += len(prefix_ids)
@@ -470,12 +482,11 @@ def _position(logprobs: FlatLogprobs, pos: int) -> tuple[list[int], list[float]]
     return logprobs.token_ids[lo:hi], logprobs.logprobs[lo:hi]
 
 
-def _dense(ids: list[int], lps: list[float]) -> list[float]:
-    """A full-vocabulary row (``logprobs=-1``) as a list indexed by token id."""
-    dist = [-math.inf] * len(ids)
-    for i, lp in zip(ids, lps):
-        dist[i] = lp
-    return dist
+def _dense(ids: list[int], lps: list[float]) -> torch.Tensor:
+    """A full-vocabulary row (``logprobs=-1``) as a tensor indexed by token id."""
+    row = torch.full((len(ids),), -math.inf)
+    row[torch.tensor(ids)] = torch.tensor(lps)
+    return row
 
 
 def _accepted_draft_tokens(metrics: Any) -> int:
