@@ -25,7 +25,8 @@ for step-level policies, a draft round for token-level ones), tokens, the event
 loop's CPU ms per step over the run, and at concurrency 1 per step at the start
 (steps 2-21) and at the end (the last 20) of the chain; the overhead, the time a
 chain waited with no model call in flight over the time it had one (what the
-orchestrator adds to the workers' time); and KiB per step crossing the worker
+orchestrator adds to the workers' time; the loop's time on the replay workers' own
+work and on the byte counting is not charged); and KiB per step crossing the worker
 boundary. Timings are ratios within one run; repeat before concluding.
 """
 
@@ -131,22 +132,25 @@ class Meter:
     """Bytes that would cross a process boundary, and when each chain had a model call in flight.
 
     What the replay workers compute and the pickling are the benchmark's own work
-    (a real model runs elsewhere): that CPU time is kept apart (``own``) so it is
-    not charged to the orchestrator.
+    (a real model runs elsewhere): it is kept apart (``own``) so it is not charged
+    to the orchestrator, neither its CPU time nor, in the overhead, the wall time
+    the event loop spent on it (``waiting_s``).
     """
 
     sent: int = 0
     received: int = 0
     cpu_s: float = 0.0
     busy: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    spans: list[tuple[float, float]] = field(default_factory=list)  # wall intervals of the benchmark's own work
 
     @contextlib.contextmanager
     def own(self) -> Iterator[None]:
-        t = time.thread_time()
+        t, w = time.thread_time(), time.perf_counter()
         try:
             yield
         finally:
             self.cpu_s += time.thread_time() - t
+            self.spans.append((w, time.perf_counter()))
 
     def count(self, args: Any, result: Any) -> None:
         self.sent += len(pickle.dumps(args))
@@ -154,12 +158,22 @@ class Meter:
 
     def in_flight_s(self, chain: int) -> float:
         """Time during which at least one of ``chain``'s calls was being served (a union of intervals)."""
-        total, end = 0.0, float("-inf")
-        for a, b in sorted(self.busy.get(chain, [])):
-            if b > end:
-                total += b - max(a, end)
-                end = b
-        return total
+        return union_s(self.busy.get(chain, []))
+
+    def waiting_s(self, chain: int, start: float, end: float) -> float:
+        """Time in [start, end] when ``chain`` had no call in flight and the loop was not on the benchmark's work."""
+        spans = [(max(a, start), min(b, end)) for a, b in self.spans if b > start and a < end]
+        return (end - start) - union_s(self.busy.get(chain, []) + spans)
+
+
+def union_s(intervals: list[tuple[float, float]]) -> float:
+    """The length of a union of intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 class ReplayWorker:
@@ -281,7 +295,7 @@ class Run:
     step_cpu_ms: list[list[float]] = field(default_factory=list)  # per chain, per accepted segment
     cpu_s: float = 0.0  # the event loop thread's CPU over the run, the benchmark's own pickling excluded
     wall_s: float = 0.0
-    waiting_s: float = 0.0  # mean over chains: time a chain had no model call in flight
+    waiting_s: float = 0.0  # mean over chains: time a chain had no model call in flight (``Meter.waiting_s``)
     worker_s: float = 0.0  # mean over chains: time a chain had a model call in flight
     bytes_per_step: float = 0.0
 
@@ -356,7 +370,7 @@ async def run_policy(name: str, chain: str, tok: Any, folder: Path, concurrency:
         await orch.start()
     run = Run(name, concurrency)
 
-    walls: list[float] = []
+    spans: list[tuple[int, float, float]] = []  # each chain's start and end
 
     async def one(i: int) -> None:
         CHAIN.set(i)  # the tasks the policy starts inherit it
@@ -371,7 +385,7 @@ async def run_policy(name: str, chain: str, tok: Any, folder: Path, concurrency:
                 steps += 1
             elif ev.type == "done":
                 run.tokens.append(sum(ev.result.metrics.accepted_tokens.values()))
-        walls.append(time.perf_counter() - t0)
+        spans.append((i, t0, time.perf_counter()))
         run.steps.append(steps)
         run.step_cpu_ms.append(marks)
 
@@ -381,7 +395,7 @@ async def run_policy(name: str, chain: str, tok: Any, folder: Path, concurrency:
     run.cpu_s = time.thread_time() - cpu0 - (meter.cpu_s - own0)
     busy = [meter.in_flight_s(i) for i in range(concurrency)]
     run.worker_s = statistics.mean(busy)
-    run.waiting_s = statistics.mean(w - b for w, b in zip(walls, busy))
+    run.waiting_s = statistics.mean(meter.waiting_s(i, a, b) for i, a, b in spans)
     run.bytes_per_step = (meter.sent + meter.received) / max(1, sum(run.steps))
     await orch.aclose()
     return run

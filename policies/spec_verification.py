@@ -122,7 +122,8 @@ class SpeculativeVerification(SpeculativeDecoding):
     async def draft(self, session: Session, ids: Sequence[int]) -> Generation:
         p = self.params
         g = await session.generate("small", ids=ids, max_tokens=min(p.draft_tokens, session.budget_left),
-                                   logprobs=p.top_k if p.companion == "mid" else 1)
+                                   logprobs=p.top_k if p.companion == "mid" else 1,
+                                   sample_logprobs=not session.params.greedy)
         accept = await self.predicted_acceptance(session, g)
         gamma = verification_length(accept, p.verify_cost)
         if gamma < len(g.token_ids):

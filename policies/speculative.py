@@ -167,8 +167,11 @@ class SpeculativeDecoding(DraftVerifyPolicy):
             s = await session.score("large", ids, tokens, sample=session.gen_params())
             return greedy_match(tokens, s.sampled, ended)
         ps = await session.score("large", ids, tokens, sample=session.gen_params(), draws=RESIDUAL_DRAWS)
+        q = draft.sample_logprobs
+        if q is None:  # drafted without them (a subclass's own draft): read q at its tokens
+            q = (await session.score("small", ids, tokens, sample=session.gen_params())).sample_logprobs
         rng = session.generator()
-        i = first_rejection(ps.sample_logprobs, draft.sample_logprobs, rng)
+        i = first_rejection(ps.sample_logprobs, q, rng)
         if i == len(tokens):
             return i, None if ended else ps.sampled[i]
         prefix = [*ids, *tokens[:i]]

@@ -27,6 +27,7 @@ from policies.multi_candidate import MultiCandidateParams
 from policies.pyramid import PyramidParams
 from policies import speculative
 from policies.speculative import SpeculativeParams, recursive_accept
+from policies.token_level import DraftVerifyPolicy
 from tests.scripted import EOS, CharTokenizer, TableWorker
 from workers.protocol import GenParams
 from workers.sampling import sampling_probs
@@ -120,6 +121,20 @@ async def test_speculative_sampling_through_draws_fits_the_target(monkeypatch, d
     assert chi_square_p(counts, exact(LARGE, 3, 0.8, 3), n) > 1e-3, counts
     later_asks = [c for c in workers["large"].calls if c == ("score", (c[1][0], 0))]
     assert (len(later_asks) > 0) == (draws == 1)
+
+
+async def test_speculative_sampling_reads_q_itself_when_a_draft_lacks_it():
+    """A subclass drafting without ``sample_logprobs`` (as Speculative Verification may): q comes from a score."""
+    class PlainDraft(speculative.SpeculativeDecoding):
+        draft = DraftVerifyPolicy.draft
+
+    workers = {"small": markov(SMALL), "large": markov(LARGE)}
+    policy, n, counts = PlainDraft(SpeculativeParams(draft_tokens=2)), 800, collections.Counter()
+    for seed in range(n):
+        s = session(workers, max_tokens=2, seed=seed)
+        await policy.run(s)
+        counts[tuple(s.log("large"))] += 1
+    assert chi_square_p(counts, exact(LARGE, 2), n) > 1e-3, counts
 
 
 @pytest.mark.parametrize("replacement", [True, False])
