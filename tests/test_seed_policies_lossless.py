@@ -20,12 +20,11 @@ from pydantic import ValidationError
 
 from orchestrator import Orchestrator, load_config
 from orchestrator.session import ModelHandle, Session
-from policies import build_policy
+from policies import build_policy, speculative
 from policies.divergences import bucket_top_k, divergence
 from policies.hierarchical import HierarchicalParams
 from policies.multi_candidate import MultiCandidateParams
 from policies.pyramid import PyramidParams
-from policies import speculative
 from policies.speculative import SpeculativeParams, recursive_accept
 from policies.token_level import DraftVerifyPolicy
 from tests.scripted import EOS, CharTokenizer, TableWorker
