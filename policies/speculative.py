@@ -42,6 +42,13 @@ class SpeculativeParams(DraftVerifyParams):
     type: Literal["speculative"] = "speculative"
 
 
+def residual_probs(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The residual norm(max(0, p - q)) a rejected token is replaced from (p itself where p <= q everywhere)."""
+    residual = (p - q).clamp_min(0)
+    total = residual.sum()
+    return residual / total if total > 0 else p
+
+
 def recursive_accept(p: torch.Tensor, q: torch.Tensor, candidates: Sequence[int], rng: torch.Generator,
                      replacement: bool = True) -> tuple[int | None, int]:
     """The lossless rule at one position for candidates drawn from q: (index accepted or None, the token).
@@ -56,9 +63,7 @@ def recursive_accept(p: torch.Tensor, q: torch.Tensor, candidates: Sequence[int]
     for j, x in enumerate(candidates):
         if torch.rand((), generator=rng) * q[x] < p[x]:  # u < p/q without dividing by zero
             return j, x
-        residual = (p - q).clamp_min(0)
-        total = residual.sum()
-        p = residual / total if total > 0 else p
+        p = residual_probs(p, q)
         if not replacement:
             q = q.clone()
             q[x] = 0
@@ -193,6 +198,4 @@ class SpeculativeDecoding(DraftVerifyPolicy):
         ps = await session.score("large", prefix, [], full_next=True)
         qs = await session.score("small", prefix, [], full_next=True)
         p, q = row_probs([ps.next_logprobs, qs.next_logprobs], session.params)
-        residual = (p - q).clamp_min(0)
-        total = residual.sum()
-        return int(torch.multinomial(residual / total if total > 0 else p, 1, generator=session.generator()))
+        return int(torch.multinomial(residual_probs(p, q), 1, generator=session.generator()))

@@ -30,6 +30,17 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     return probs
 
 
+def token_logprobs(logp: torch.Tensor, tokens: Sequence[int]) -> list[float]:
+    """``logp[i, tokens[i]]`` for each row i: the log-prob each row gives its own token."""
+    index = torch.as_tensor(list(tokens), dtype=torch.long, device=logp.device)
+    return logp.gather(1, index[:, None])[:, 0].tolist()
+
+
+def drawn_logprobs(rows: torch.Tensor, tokens: Sequence[int], params: GenParams) -> list[float]:
+    """Each token's log-prob under the sampling distribution of its row (``GenParams.sample_logprobs``)."""
+    return token_logprobs(sampling_probs(rows, params.temperature, params.top_k, params.top_p).log(), tokens)
+
+
 def check_sample_reads(n_continuation: int, sample: GenParams | None, draws: int,
                        candidates: list[list[int]] | None, vocab_size: int) -> None:
     """Reject a score call's ``draws``/``candidates`` that no sampling distribution can answer (before any work)."""
@@ -66,8 +77,7 @@ def fill_sample_reads(scores: Scores, rows: torch.Tensor, continuation: Sequence
     rng = torch.Generator(device=rows.device).manual_seed(sample.seed) if sample.seed is not None else None
     scores.sampled = torch.multinomial(probs, 1, generator=rng)[:, 0].tolist()
     logp = probs.log()
-    cont = torch.as_tensor(list(continuation), dtype=torch.long, device=rows.device)
-    scores.sample_logprobs = logp[: len(cont)].gather(1, cont[:, None])[:, 0].tolist()
+    scores.sample_logprobs = token_logprobs(logp[: len(continuation)], continuation)
     if draws:
         drawn = torch.multinomial(probs, draws, replacement=True, generator=rng)
         scores.draws = drawn.tolist()

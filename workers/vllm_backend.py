@@ -59,7 +59,7 @@ from workers.protocol import (
     CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
     vocab_fingerprint,
 )
-from workers.sampling import check_sample_reads, fill_sample_reads, sampling_probs
+from workers.sampling import check_sample_reads, drawn_logprobs, fill_sample_reads
 from workers.timing import BusyClock
 
 # Our method names -> vLLM's ``speculative_config["method"]``.
@@ -266,10 +266,8 @@ class VLLMWorker:
                 logprobs.append(TokenLogprob(token_id=ids[0], logprob=lps[0], top=dict(zip(ids[1:k], lps[1:k]))))
         sample_logprobs = None
         if reads:
-            rows = torch.stack([_dense(*(x[1:] for x in _position(comp.logprobs, pos)))
-                                for pos in range(len(token_ids))])
-            probs = sampling_probs(rows, params.temperature, params.top_k, params.top_p)
-            sample_logprobs = probs.gather(1, torch.tensor(token_ids)[:, None])[:, 0].log().tolist()
+            rows = torch.stack([_dense_row(comp.logprobs, pos) for pos in range(len(token_ids))])
+            sample_logprobs = drawn_logprobs(rows, token_ids, params)
         accepted = _accepted_draft_tokens(comp.spec_decode_metrics)
         self._stats.prompt_tokens += len(prompt_ids)
         self._stats.generated_tokens += len(token_ids)
@@ -350,7 +348,7 @@ class VLLMWorker:
         if full_dists:
             scores.dists = rows.tolist()
         if full_next or draw:
-            next_row = _dense(*(x[1:] for x in _position(out.outputs[0].logprobs, 0)))
+            next_row = _dense_row(out.outputs[0].logprobs, 0)
             if full_next:
                 scores.next_logprobs = next_row.tolist()
         if sample is not None:
@@ -487,6 +485,12 @@ def _dense(ids: list[int], lps: list[float]) -> torch.Tensor:
     row = torch.full((len(ids),), -math.inf)
     row[torch.tensor(ids)] = torch.tensor(lps)
     return row
+
+
+def _dense_row(logprobs: FlatLogprobs, pos: int) -> torch.Tensor:
+    """Position ``pos``'s full-vocabulary row (its ranked entries, the scored token's own entry left out)."""
+    ids, lps = _position(logprobs, pos)
+    return _dense(ids[1:], lps[1:])
 
 
 def _accepted_draft_tokens(metrics: Any) -> int:
