@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from orchestrator.answer import final_answer
 from orchestrator.context import room
 from orchestrator.timing import CallRecord, ProblemTime, problem_time
-from orchestrator.token_log import IncrementalText, Piece, TokenLog
+from orchestrator.token_log import IncrementalText, Piece, TokenIds, TokenLog
 from workers.protocol import Generation, GenParams, NextToken, Worker
 
 Role = str
@@ -174,19 +174,20 @@ class Session:
         """Prompt + reasoning in ``role``'s tokens (a copy: the log itself changes only through ``accept``)."""
         return list(self._logs[role].ids)
 
-    def log(self, role: Role) -> Sequence[int]:
-        """``role``'s token log itself, not a copy: read it, pass it to a call, never change it.
+    def log(self, role: Role) -> TokenIds:
+        """``role``'s token log as it is now, not a copy: read it, pass it to a call, never change it.
 
-        It grows when the session accepts something, so read it again after that.
-        Token-level policies pass it to every round's calls without copying 32k ids.
+        Accepting something replaces the log with a new buffer (this one stays as
+        it was), so read it again after that. Token-level policies pass it to every
+        round's calls without copying 32k ids.
         """
         return self._logs[role].ids
 
-    def view(self, role: Role, *pieces: Piece) -> list[int]:
+    def view(self, role: Role, *pieces: Piece) -> TokenIds:
         """What ``role`` would see with ``pieces`` accepted (a judge's context, a look-ahead draft's prompt)."""
         return self._logs[role].view(*pieces)
 
-    def split(self, role: Role, *pieces: Piece) -> tuple[list[int], list[int]]:
+    def split(self, role: Role, *pieces: Piece) -> tuple[TokenIds, list[int]]:
         """``view`` as (ids ``role`` has already seen, ids that are new): the prefix comes from its cache."""
         log = self._logs[role]
         keep, new = log.split(*pieces)
@@ -297,7 +298,7 @@ class Session:
         if replaces_draft:
             self.draft_misses.append(len(self._logs["large" if "large" in self._logs else next(iter(self._logs))].ids))
         for log in self._logs.values():
-            log.ids.extend(tokens)
+            log.extend(tokens)
         if self._detok is None:
             role = next(iter(self._logs))
             self._detok = IncrementalText(self.models[role], self._logs[role].n_prompt)

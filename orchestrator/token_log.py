@@ -6,11 +6,22 @@ all of it. Text written by another model with another vocabulary (or inserted by
 policy) is tokenized incrementally: only a small window at the boundary is
 re-encoded, since byte-level BPE merges across it (``".\\n\\n"`` is one token in
 Qwen's and Mistral's vocabularies), in the manner of Hugging Face's universal
-assisted generation. Every operation costs O(new text + window), never O(chain).
+assisted generation. Every operation costs O(new text + window) in Python, never
+O(chain).
+
+The ids are kept in a C ``int32`` buffer (``array('i')``), not a Python list: a
+step hands out several views of a 32k-token chain (the next step's prompt, a
+judge's context, a look-ahead draft's prompt), and copying, concatenating or
+pickling (Ray) a buffer is a memcpy (about 12 us at 34k ids, against 0.6 ms for a
+list slice and concatenation and 0.9 ms for pickling a list). A buffer handed out
+is never changed afterwards: every append makes a new one, so a call still in
+flight keeps reading exactly what it was given.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +30,14 @@ if TYPE_CHECKING:
 
 #: Tokens of the log re-encoded with new text: merges across a boundary reach this far back at most.
 WINDOW = 8
+
+#: Token ids as one C buffer (``array('i')``): what logs and their views are.
+TokenIds = array
+
+
+def token_ids(ids: Iterable[int] = ()) -> TokenIds:
+    """``ids`` as a token buffer (a copy)."""
+    return array("i", ids)
 
 
 @dataclass(frozen=True)
@@ -33,9 +52,9 @@ class Piece:
 class TokenLog:
     """Prompt + reasoning in one model's token ids."""
 
-    def __init__(self, handle: ModelHandle, prompt_ids: list[int]):
+    def __init__(self, handle: ModelHandle, prompt_ids: Iterable[int]):
         self.handle = handle
-        self.ids: list[int] = list(prompt_ids)
+        self.ids: TokenIds = token_ids(prompt_ids)
         self.n_prompt = len(prompt_ids)
         self.fixed = self.n_prompt  # ids before this are the prompt or this model's own: never re-encoded
 
@@ -49,15 +68,18 @@ class TokenLog:
             keep, new, fixed = self._extend(keep, new, fixed, piece)
         return keep, new, fixed
 
-    def view(self, *pieces: Piece) -> list[int]:
-        """The ids this model would see with ``pieces`` appended."""
+    def view(self, *pieces: Piece) -> TokenIds:
+        """The ids this model would see with ``pieces`` appended (a new buffer)."""
         keep, new = self.split(*pieces)
-        return self.ids[:keep] + new
+        return self.ids[:keep] + token_ids(new)
 
     def append(self, *pieces: Piece) -> None:
         keep, new, self.fixed = self._split(pieces)
-        del self.ids[keep:]
-        self.ids.extend(new)
+        self.ids = self.ids[:keep] + token_ids(new)
+
+    def extend(self, ids: Iterable[int]) -> None:
+        """Append this model's own ids as they are (token-level policies: one shared vocabulary)."""
+        self.ids = self.ids + token_ids(ids)
 
     # ------------------------------------------------------------ internals
 
@@ -83,7 +105,7 @@ class TokenLog:
             return keep, new
         end = keep + len(new)
         start = max(fixed, end - WINDOW)
-        window = self.ids[start:keep] + new[max(0, start - keep) :]
+        window = self.ids[start:keep].tolist() + new[max(0, start - keep) :]
         window_text = self.handle.tokenizer.decode(window, skip_special_tokens=False)
         if "\ufffd" in window_text:  # the window starts inside a multi-byte character: leave it as it is
             start, window, window_text = end, [], ""
@@ -112,7 +134,7 @@ class IncrementalText:
         self.handle, self.read = handle, start
         self.start = start
 
-    def advance(self, ids: list[int]) -> str:
+    def advance(self, ids: Sequence[int]) -> str:
         """The text ``ids[self.read:]`` adds to the reasoning (possibly empty while a character is incomplete)."""
         lo = max(self.start, self.read - self.LOOKBACK)
         before = self.handle.decode(ids[lo : self.read])

@@ -36,7 +36,7 @@ from pydantic import Field
 from policies.base import PolicyParams
 from policies.speculative import lossless
 from policies.token_level import DraftVerifyPolicy
-from workers.protocol import Generation, GenParams, Scores
+from workers.protocol import Generation, GenParams, Scores, joined
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -155,7 +155,7 @@ async def propose(session: Session, ids: Sequence[int], levels: Sequence[Level],
     block = Block(token_ids=[], text="", finish_reason="length", dists=[] if keep_rows else None)
     stop = eos_ids(session)
     while len(block.token_ids) < min(level.tokens, want) and not block.ended:
-        ctx = [*ids, *block.token_ids] if block.token_ids else ids
+        ctx = joined(ids, block.token_ids) if block.token_ids else ids
         sub = await propose(session, ctx, below, want - len(block.token_ids), level.rule.reads_rows(session.params.greedy))
         n, nxt, s = await check(session, level, ctx, sub, keep_rows)
         block.add(sub.token_ids[:n], sub.authors[:n], sub.scored[:n], s.dists[:n] if keep_rows else None)

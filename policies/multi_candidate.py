@@ -53,6 +53,7 @@ from pydantic import Field
 from policies.levels import Block, BlockDraftPolicy, eos_ids
 from policies.speculative import recursive_accept, row_probs
 from policies.token_level import DraftVerifyParams
+from workers.protocol import joined
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -126,7 +127,7 @@ class MultiCandidateSD(BlockDraftPolicy):
             first = Block(token_ids=[x], text="", finish_reason="eos" if x in stop else "length",
                           authors=["small"], scored=[True])  # drawn from the small model's row, not generated
             if n > 1 and x not in stop:
-                g = await session.generate("small", ids=[*ids, x], max_tokens=n - 1)
+                g = await session.generate("small", ids=joined(ids, [x]), max_tokens=n - 1)
                 rest = Block.of("small", g)
                 first.add(rest.token_ids, rest.authors, rest.scored, None)
                 first.finish_reason = g.finish_reason

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from policies.token_level import DraftVerifyParams, DraftVerifyPolicy
+from workers.protocol import joined
 from workers.sampling import sampling_probs
 
 if TYPE_CHECKING:
@@ -179,14 +180,14 @@ class SpeculativeDecoding(DraftVerifyPolicy):
         i = first_rejection(ps.sample_logprobs, q, rng)
         if i == len(tokens):
             return i, None if ended else ps.sampled[i]
-        prefix = [*ids, *tokens[:i]]
+        prefix = joined(ids, tokens[:i])
         qs = await session.score("small", prefix, [], sample=session.gen_params(), candidates=[ps.draws[i]])
         token = residual_pick(ps.draws[i], ps.draw_logprobs[i], qs.candidate_logprobs[0], rng)
         if token is None:
             token = await self.residual(session, prefix, RESIDUAL_DRAWS * RESIDUAL_GROWTH)
         return i, token
 
-    async def residual(self, session: Session, prefix: list[int], draws: int) -> int:
+    async def residual(self, session: Session, prefix: Sequence[int], draws: int) -> int:
         """The residual token after ``prefix`` when the verification pass's draws all failed: ask for more."""
         for _ in range(RESIDUAL_ASKS - 1):
             ps = await session.score("large", prefix, [], sample=session.gen_params(), draws=draws)

@@ -7,6 +7,8 @@ and on the arith tokenizer.
 
 from __future__ import annotations
 
+import pickle
+
 from typing import Any
 
 import pytest
@@ -60,7 +62,7 @@ def test_text_from_another_vocabulary_is_encoded_at_the_boundary_like_the_whole(
     log = TokenLog(handle(tekken), prompt)
     for s in steps:  # pieces without author ids: written by a model of another vocabulary
         log.append(Piece(s))
-    assert log.ids == prompt + tekken.encode("".join(steps), add_special_tokens=False)
+    assert log.ids.tolist() == prompt + tekken.encode("".join(steps), add_special_tokens=False)
 
 
 def test_a_model_sees_its_own_ids_as_written(tekken):
@@ -69,20 +71,20 @@ def test_a_model_sees_its_own_ids_as_written(tekken):
     own = tekken.encode("So x = 4.", add_special_tokens=False) + tekken.encode("\n\n", add_special_tokens=False)
     log = TokenLog(h, [1])
     log.append(Piece("So x = 4.\n\n", own, "v"))
-    assert log.ids == [1] + own
+    assert log.ids.tolist() == [1] + own
     assert own != tekken.encode("So x = 4.\n\n", add_special_tokens=False)  # the whole text encodes otherwise
     # a step cut at a length limit: its ids as written, then the delimiter as text after them
     cut = tekken.encode("So y = 5.", add_special_tokens=False)
     log.append(Piece("So y = 5.\n\n", cut, "v"))
-    assert log.ids[: 1 + len(own) + len(cut)] == [1] + own + cut
+    assert log.ids[: 1 + len(own) + len(cut)].tolist() == [1] + own + cut
     assert tekken.decode(log.ids[1:]) == "So x = 4.\n\nSo y = 5.\n\n"
     # text after a model's own ids is encoded after them, never merged into them
     log.append(Piece(" More."))
-    assert log.ids[: 1 + len(own) + len(cut)] == [1] + own + cut
+    assert log.ids[: 1 + len(own) + len(cut)].tolist() == [1] + own + cut
     # another vocabulary's ids are never used: the text is encoded
     other = TokenLog(h, [1])
     other.append(Piece("So x = 4.\n\n", own, "another vocabulary"))
-    assert other.ids == [1] + tekken.encode("So x = 4.\n\n", add_special_tokens=False)
+    assert other.ids.tolist() == [1] + tekken.encode("So x = 4.\n\n", add_special_tokens=False)
 
 
 def test_views_leave_the_log_alone(tekken):
@@ -90,9 +92,22 @@ def test_views_leave_the_log_alone(tekken):
     log.append(Piece("A step.\n\n"))
     before = list(log.ids)
     keep, new = log.split(Piece("Next step."), Piece("\n\n"))
-    assert log.ids == before
-    assert log.ids[:keep] + new == log.view(Piece("Next step.\n\n"))
+    assert log.ids.tolist() == before
+    assert log.ids[:keep].tolist() + new == log.view(Piece("Next step.\n\n")).tolist()
     assert tekken.decode(log.view(Piece("Next step.\n\n"))[1:]) == "A step.\n\nNext step.\n\n"
+
+
+def test_a_log_handed_to_a_call_in_flight_never_changes(tekken):
+    """Accepting replaces the log with a new buffer, so ids a call was given stay exactly as given."""
+    log = TokenLog(handle(tekken), [1])
+    log.append(Piece("So x = 4"))
+    given, viewed = log.ids, log.view(Piece(".\n\n"))
+    before, seen = given.tolist(), viewed.tolist()
+    log.append(Piece(".\n\n"))  # "." merges with what came before: the log is cut back, then grows
+    log.extend([7, 8])
+    assert given.tolist() == before and viewed.tolist() == seen
+    assert log.ids.tolist() == seen + [7, 8]
+    assert pickle.loads(pickle.dumps(log.ids)) == log.ids  # crosses Ray as one buffer
 
 
 def test_work_per_step_does_not_grow_with_the_chain(tekken):
@@ -127,4 +142,4 @@ def test_arith_tokenizer_pieces_equal_whole_encoding():
     log = TokenLog(handle(tok), [0])
     for s in steps:
         log.append(Piece(s))
-    assert log.ids == [0] + tok.encode("".join(steps), add_special_tokens=False)
+    assert log.ids.tolist() == [0] + tok.encode("".join(steps), add_special_tokens=False)

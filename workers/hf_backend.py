@@ -28,6 +28,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +43,7 @@ from workers.sampling import check_sample_reads, fill_sample_reads, sampling_pro
 from workers.timing import BusyClock, CallClock, PhaseClock
 from workers.protocol import (
     CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
-    vocab_fingerprint,
+    id_list, vocab_fingerprint,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -273,7 +274,7 @@ class HFWorker:
 
     # ---------------------------------------------------------------- protocol
 
-    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
+    async def generate(self, prompt_ids: Sequence[int], params: GenParams) -> Generation:
         if not prompt_ids:
             raise WorkerError("generate needs a non-empty prompt")
         room = self.context_length - len(prompt_ids)
@@ -282,12 +283,12 @@ class HFWorker:
                               f"context of {self.context_length} tokens")
         if params.max_tokens > room:  # stop at the end of the context ("length"), as vLLM does
             params = params.model_copy(update={"max_tokens": room})
-        req = await self._submit(_Request("generate", list(prompt_ids), *self._future(), params=params))
+        req = await self._submit(_Request("generate", id_list(prompt_ids), *self._future(), params=params))
         return req
 
     async def score(
         self,
-        prefix_ids: list[int],
+        prefix_ids: Sequence[int],
         continuation_ids: list[int],
         top_k: int = 0,
         entropies: bool = False,
@@ -302,17 +303,17 @@ class HFWorker:
         self._check_fits(len(prefix_ids) + len(continuation_ids), "score")
         check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.tokenizer))
         req = _Request(
-            "score", list(prefix_ids) + list(continuation_ids), *self._future(), n_prefix=len(prefix_ids),
+            "score", id_list(prefix_ids) + list(continuation_ids), *self._future(), n_prefix=len(prefix_ids),
             top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next, sample=sample,
             draws=draws, row_candidates=candidates,
         )
         return await self._submit(req)
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
+    async def next_token_logprobs(self, prefix_ids: Sequence[int], candidates: list[int], top_k: int = 0) -> NextToken:
         if not prefix_ids:
             raise WorkerError("next_token_logprobs needs a non-empty prefix")
         self._check_fits(len(prefix_ids), "next_token_logprobs")
-        req = _Request("next", list(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates),
+        req = _Request("next", id_list(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates),
                        top_k=top_k)
         return await self._submit(req)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -173,15 +175,30 @@ class WorkerStats(_Msg):
     spec_accepted_tokens: int = 0
 
 
+def id_list(ids: Sequence[int]) -> list[int]:
+    """Token ids as a list of Python ints, the fast way for a token buffer (``array('i')``)."""
+    return ids.tolist() if isinstance(ids, array) else list(ids)
+
+
+def joined(ids: Sequence[int], more: Sequence[int]) -> array:
+    """``ids`` then ``more`` as a new token buffer: a memcpy of a long log, not a Python loop over it."""
+    return (ids if isinstance(ids, array) else array("i", ids)) + array("i", more)
+
+
 @runtime_checkable
 class Worker(Protocol):
-    """What a policy may ask of a model. All methods are coroutines."""
+    """What a policy may ask of a model. All methods are coroutines.
 
-    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation: ...
+    Token sequences passed in are any ``Sequence[int]``: the orchestrator passes its
+    token logs as ``array('i')`` buffers (cheap to slice and to pickle across Ray),
+    which a worker reads but never changes.
+    """
+
+    async def generate(self, prompt_ids: Sequence[int], params: GenParams) -> Generation: ...
 
     async def score(
         self,
-        prefix_ids: list[int],
+        prefix_ids: Sequence[int],
         continuation_ids: list[int],
         top_k: int = 0,
         entropies: bool = False,
@@ -192,7 +209,7 @@ class Worker(Protocol):
         candidates: list[list[int]] | None = None,
     ) -> Scores: ...
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken: ...
+    async def next_token_logprobs(self, prefix_ids: Sequence[int], candidates: list[int], top_k: int = 0) -> NextToken: ...
 
     async def info(self) -> WorkerInfo: ...
 

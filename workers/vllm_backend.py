@@ -38,7 +38,7 @@ import functools
 import math
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from workers.protocol import (
     CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
-    vocab_fingerprint,
+    id_list, vocab_fingerprint,
 )
 from workers.sampling import check_sample_reads, drawn_logprobs, fill_sample_reads
 from workers.timing import BusyClock
@@ -225,7 +225,7 @@ class VLLMWorker:
 
     # ---------------------------------------------------------------- protocol
 
-    async def generate(self, prompt_ids: list[int], params: GenParams) -> Generation:
+    async def generate(self, prompt_ids: Sequence[int], params: GenParams) -> Generation:
         if not prompt_ids:
             raise WorkerError("generate needs a non-empty prompt")
         reads = params.sample_logprobs and not params.greedy
@@ -287,7 +287,7 @@ class VLLMWorker:
 
     async def score(
         self,
-        prefix_ids: list[int],
+        prefix_ids: Sequence[int],
         continuation_ids: list[int],
         top_k: int = 0,
         entropies: bool = False,
@@ -301,7 +301,7 @@ class VLLMWorker:
             raise WorkerError("score needs a non-empty prefix")
         n = len(continuation_ids)
         check_sample_reads(n, sample, draws, candidates, len(self.tokenizer))
-        prompt = [*prefix_ids, *continuation_ids]
+        prompt = id_list(prefix_ids) + list(continuation_ids)
         # a sampled draw needs whole rows (kept in this process); a greedy one only the rank-1 token
         draw = sample is not None and not sample.greedy
         full = full_dists or entropies or draw
@@ -361,7 +361,7 @@ class VLLMWorker:
         self._stats.scored_tokens += n
         return scores
 
-    async def next_token_logprobs(self, prefix_ids: list[int], candidates: list[int], top_k: int = 0) -> NextToken:
+    async def next_token_logprobs(self, prefix_ids: Sequence[int], candidates: list[int], top_k: int = 0) -> NextToken:
         if not prefix_ids:
             raise WorkerError("next_token_logprobs needs a non-empty prefix")
         wanted = sorted(set(candidates))
@@ -428,7 +428,7 @@ class VLLMWorker:
             raise WorkerError("worker is closed")
         return self._engine
 
-    async def _run(self, prompt_ids: list[int], sp: SamplingParams) -> RequestOutput:
+    async def _run(self, prompt_ids: Sequence[int], sp: SamplingParams) -> RequestOutput:
         """One engine request, counted in the stats; vLLM errors become `WorkerError`."""
         engine = self.engine
         self._busy.enter()
@@ -436,7 +436,7 @@ class VLLMWorker:
         out: RequestOutput | None = None
         try:
             async for out in engine.generate(
-                TokensPrompt(prompt_token_ids=list(prompt_ids)), sp, f"rs-{uuid.uuid4().hex}"
+                TokensPrompt(prompt_token_ids=id_list(prompt_ids)), sp, f"rs-{uuid.uuid4().hex}"
             ):
                 pass
         except Exception as e:
