@@ -98,7 +98,7 @@ def test_views_leave_the_log_alone(tekken):
 
 
 def test_a_log_handed_to_a_call_in_flight_never_changes(tekken):
-    """Accepting replaces the log with a new buffer, so ids a call was given stay exactly as given."""
+    """Accepting text replaces the log with a new buffer, so ids a call was given stay exactly as given."""
     log = TokenLog(handle(tekken), [1])
     log.append(Piece("So x = 4"))
     given, viewed = log.ids, log.view(Piece(".\n\n"))
