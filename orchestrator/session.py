@@ -177,9 +177,10 @@ class Session:
     def log(self, role: Role) -> TokenIds:
         """``role``'s token log as it is now, not a copy: read it, pass it to a call, never change it.
 
-        Accepting something replaces the log with a new buffer (this one stays as
-        it was), so read it again after that. Token-level policies pass it to every
-        round's calls without copying 32k ids.
+        Accepting text replaces the log with a new buffer (this one stays as it
+        was), so read it again after that; ``accept_tokens`` grows it in place
+        (token-level policies, whose round's calls have returned by then, pass it
+        to every round's calls without copying 32k ids).
         """
         return self._logs[role].ids
 

@@ -58,7 +58,7 @@ class TokenLog:
     def __init__(self, handle: ModelHandle, prompt_ids: Iterable[int]):
         self.handle = handle
         self.ids: TokenIds = token_ids(prompt_ids)
-        self.n_prompt = len(prompt_ids)
+        self.n_prompt = len(self.ids)
         self.fixed = self.n_prompt  # ids before this are the prompt or this model's own: never re-encoded
 
     def split(self, *pieces: Piece) -> tuple[int, list[int]]:
