@@ -23,24 +23,17 @@ accepts a few tokens and copying 32k ids for each would cost more than the round
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from workers.protocol import TokenIds, token_ids
 
 if TYPE_CHECKING:
     from orchestrator.session import ModelHandle
 
 #: Tokens of the log re-encoded with new text: merges across a boundary reach this far back at most.
 WINDOW = 8
-
-#: Token ids as one C buffer (``array('i')``): what logs and their views are.
-TokenIds = array
-
-
-def token_ids(ids: Iterable[int] = ()) -> TokenIds:
-    """``ids`` as a token buffer (a copy)."""
-    return array("i", ids)
 
 
 @dataclass(frozen=True)

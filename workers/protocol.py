@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -175,14 +175,23 @@ class WorkerStats(_Msg):
     spec_accepted_tokens: int = 0
 
 
+#: Token ids as one C int32 buffer (``array('i')``): the orchestrator's token logs and their views.
+TokenIds = array
+
+
+def token_ids(ids: Iterable[int] = ()) -> TokenIds:
+    """``ids`` as a token buffer (a copy)."""
+    return array("i", ids)
+
+
 def id_list(ids: Sequence[int]) -> list[int]:
     """Token ids as a list of Python ints, the fast way for a token buffer (``array('i')``)."""
     return ids.tolist() if isinstance(ids, array) else list(ids)
 
 
-def joined(ids: Sequence[int], more: Sequence[int]) -> array:
+def joined(ids: Sequence[int], more: Sequence[int]) -> TokenIds:
     """``ids`` then ``more`` as a new token buffer: a memcpy of a long log, not a Python loop over it."""
-    return (ids if isinstance(ids, array) else array("i", ids)) + array("i", more)
+    return (ids if isinstance(ids, array) else token_ids(ids)) + token_ids(more)
 
 
 @runtime_checkable

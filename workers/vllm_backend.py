@@ -246,7 +246,7 @@ class VLLMWorker:
             detokenize=detokenize,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        out = await self._run(prompt_ids, sp)
+        out = await self._run(id_list(prompt_ids), sp)
         comp = out.outputs[0]
         token_ids = list(comp.token_ids)
         if comp.finish_reason == "length":
@@ -377,7 +377,7 @@ class VLLMWorker:
             logprobs=None if by_id else -1,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        out = await self._run(prefix_ids, sp)
+        out = await self._run(id_list(prefix_ids), sp)
         ids, lps = _position(out.outputs[0].logprobs, 0)
         row = dict(zip(ids[1:], lps[1:]))
         self._stats.prompt_tokens += len(prefix_ids)
@@ -428,15 +428,18 @@ class VLLMWorker:
             raise WorkerError("worker is closed")
         return self._engine
 
-    async def _run(self, prompt_ids: Sequence[int], sp: SamplingParams) -> RequestOutput:
-        """One engine request, counted in the stats; vLLM errors become `WorkerError`."""
+    async def _run(self, prompt_ids: list[int], sp: SamplingParams) -> RequestOutput:
+        """One engine request, counted in the stats; vLLM errors become `WorkerError`.
+
+        ``prompt_ids`` is already a list (callers convert a token buffer once, ``id_list``).
+        """
         engine = self.engine
         self._busy.enter()
         self._stats.requests += 1
         out: RequestOutput | None = None
         try:
             async for out in engine.generate(
-                TokensPrompt(prompt_token_ids=id_list(prompt_ids)), sp, f"rs-{uuid.uuid4().hex}"
+                TokensPrompt(prompt_token_ids=prompt_ids), sp, f"rs-{uuid.uuid4().hex}"
             ):
                 pass
         except Exception as e:
