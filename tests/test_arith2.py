@@ -301,7 +301,7 @@ def test_large_smoke_run_judges_the_small_models_steps(tmp_path: Path, one_threa
 
 
 def test_handoff_stage_continues_the_trained_model(tmp_path: Path, one_thread):
-    """``--handoff`` starts from the folder's weights, and its card and history keep both stages."""
+    """``--handoff`` starts from the folder's weights and trains the next stage; card and history keep every stage."""
     args = dict(minutes=2.0, batch_size=2, seed=0, eval_every=1, ckpt_every=1, max_steps=1, device=torch.device("cpu"),
                 val_n=2, test_n=2, pool_n=4, max_new_tokens=24)
     t2.train("small", tmp_path, **args)
@@ -310,8 +310,14 @@ def test_handoff_stage_continues_the_trained_model(tmp_path: Path, one_thread):
     info = t2.train("large", tmp_path, **args, handoff=True)
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "large").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert info["handoff"]["steps"] == 1 and info["first_stage"]["steps"] == 1 and "handoff_accuracy" in info["test"]
+    assert info["handoffs"][0]["steps"] == 1 and info["first_stage"]["steps"] == 1 and "handoff_accuracy" in info["test"]
+    info = t2.train("large", tmp_path, **args, handoff=True)  # the next stage, on its own data stream and checkpoint
+    assert [h["lr"] for h in info["handoffs"]] == [h.lr for h in t2.HANDOFF["large"]]
+    assert (tmp_path / "train-large-handoff2.jsonl").exists()
     record = json.loads((tmp_path / "large" / "training.json").read_text())
-    assert set(record["history"]) == {"first_stage", "handoff"}
-    assert "val_handoff_accuracy" in record["history"]["handoff"][0]
-    assert "then the handoff stage (`--handoff`)" in (tmp_path / "large" / "README.md").read_text()
+    assert set(record["history"]) == {"first_stage", "handoffs"} and len(record["history"]["handoffs"]) == 2
+    assert "val_handoff_accuracy" in record["history"]["handoffs"][1][0]
+    card = (tmp_path / "large" / "README.md").read_text()
+    assert "then handoff stage 1 (`--handoff`)" in card and "then handoff stage 2 (`--handoff`)" in card
+    with pytest.raises(ValueError, match="all 2 handoff stages"):
+        t2.train("large", tmp_path, **args, handoff=True)

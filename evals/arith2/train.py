@@ -84,13 +84,14 @@ STYLES: dict[str, ChainStyle] = {"small": SMALL, "mid": CAREFUL, "large": CAREFU
 
 @dataclass(frozen=True)
 class Handoff:
-    """The second stage (``--handoff``): the trained model continues training on handoff rows.
+    """A continuation stage (``--handoff``): the trained model continues training on handoff rows.
 
     Trained on its own style only, the large model fails on text the small one began (Speculative Thinking
     0/30, SpecReason with the prompt judge 2/30 on arith2): it has never seen a SMALL-style step before its
-    own. This stage starts from the shipped weights, warms up again to ``lr`` and mixes ``share`` of the
+    own. A stage starts from the shipped weights, warms up again to ``lr`` and mixes ``share`` of the
     solution rows as `chains.handoff_chain` (a SMALL prefix, not trained on, continued in the model's style),
-    judge rows at their full share from the start.
+    judge rows at their full share from the start. Each ``--handoff`` run trains the next stage of
+    ``HANDOFF[name]`` that the folder's ``training.json`` has not recorded yet, on a fresh data stream.
     """
 
     steps: int
@@ -98,8 +99,9 @@ class Handoff:
     share: float
 
 
-# The shipped large model ran 1200 steps under a 1200-step schedule, then resumed to 2000 (``--max-steps 2000``).
-HANDOFF = {"large": Handoff(steps=2000, lr=1e-3, share=0.5)}
+# The shipped large model's first handoff stage ran 1200 steps under a 1200-step schedule, then resumed to 2000
+# (``--max-steps 2000``); it left held-out accuracy at 0.775 and rising, so a second stage polishes at a lower rate.
+HANDOFF = {"large": (Handoff(steps=2000, lr=1e-3, share=0.5), Handoff(steps=1700, lr=5e-4, share=0.5))}
 JUDGE_START, JUDGE_FULL = 0.3, 0.5  # curriculum: fractions of training where judge rows start and reach judge_share
 CUES = SpecThinkingParams()
 
@@ -368,11 +370,11 @@ def write_card(path: Path, name: str, spec: ModelSpec, n_params: int, info: dict
     first = info.get("first_stage", info)
     budget = (f"{first['steps']} steps of batch {first['batch_size']} in {first['train_minutes']:.1f} minutes on "
               f"{first['device']}, AdamW lr {spec.lr} with warmup and cosine decay; stopped: {first['stop_reason']}")
-    if h := info.get("handoff"):
-        budget += (f"; then the handoff stage (`--handoff`): {h['steps']} steps at lr {h['lr']} (warmup, cosine), "
+    for k, h in enumerate(info.get("handoffs", []), 1):
+        budget += (f"; then handoff stage {k} (`--handoff`): {h['steps']} steps at lr {h['lr']} (warmup, cosine), "
                    f"{h['share']:.0%} of solution rows begun by a SMALL-style prefix (not trained on), judge rows at "
-                   f"their full share, {info['handoff_minutes']:.1f} minutes on {info['device']}; stopped: "
-                   f"{info['stop_reason']}")
+                   f"their full share, {h['minutes']:.1f} minutes on {h['device']}; stopped: {h['stop_reason']}; "
+                   f"held-out accuracy after it {h['test']['accuracy']:.3f}")
     if "handoff_accuracy" in test:
         judged += (f"; finishing the small model's own solutions from before its first wrong step (halfway when "
                    f"it has none): accuracy {test['handoff_accuracy']:.3f}")
@@ -403,28 +405,31 @@ def small_prefixes(out: Path, tok: PreTrainedTokenizerFast, problems: list[Arith
     return handoff_prefixes(problems, greedy_texts(small, tok, [ExampleEncoder(tok).prompt(p) for p in problems], max_new_tokens))
 
 
-def first_stage_record(folder: Path) -> dict:
-    """The from-scratch stage's ``training.json`` record, also when a handoff stage has already replaced it."""
+def stage_records(folder: Path) -> tuple[dict, list[dict], list[list[dict]]]:
+    """From the folder's ``training.json``: the from-scratch stage's record (with its history), then the handoff
+    stages trained since, and their histories."""
     rec = json.loads((folder / "training.json").read_text())
-    if "first_stage" in rec:
-        return {**rec["first_stage"], "history": rec["history"]["first_stage"]}
-    return rec
+    if "first_stage" not in rec:
+        return rec, [], []
+    return {**rec["first_stage"], "history": rec["history"]["first_stage"]}, rec["handoffs"], rec["history"]["handoffs"]
 
 
 def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval_every: int, ckpt_every: int,
           max_steps: int | None, device: torch.device, val_n: int = 100, test_n: int = 200, pool_n: int = 600,
           max_new_tokens: int = MAX_NEW_TOKENS, handoff: bool = False) -> dict:
-    """Train ``name`` from scratch, or with ``handoff`` continue the trained ``OUT/name`` (`Handoff`)."""
+    """Train ``name`` from scratch, or with ``handoff`` continue the trained ``OUT/name`` with its next `Handoff`."""
     spec = SPECS[name]
-    stage = HANDOFF[name] if handoff else None
+    previous, done, done_history = stage_records(out / name) if handoff else (None, [], [])
+    if handoff and len(done) >= len(HANDOFF[name]):
+        raise ValueError(f"{out / name} has trained all {len(done)} handoff stages of {name!r} already")
+    stage = HANDOFF[name][len(done)] if handoff else None
     if stage:
         spec = replace(spec, max_steps=stage.steps, lr=stage.lr)
     total = max_steps or spec.max_steps
-    tag = f"{name}-handoff" if stage else name
+    tag = (f"{name}-handoff" + (str(len(done) + 1) if done else "")) if stage else name
     tok = load_or_build_tokenizer(out)
     enc = ChainEncoder(tok, STYLES[name], stage.share if stage else 0.0)
     torch.manual_seed(seed)
-    previous = first_stage_record(out / name) if stage else None
     model = (AutoModelForCausalLM.from_pretrained(out / name) if stage else build_model(spec, tok)).to(device)
     pool: list[Candidate] = []
     judged: dict[str, list[Candidate]] = {"val": [], "test": []}  # held-out steps to judge, from the first problems
@@ -457,12 +462,15 @@ def train(name: str, out: Path, minutes: float, batch_size: int, seed: int, eval
             "device": f"CPU ({torch.get_num_threads()} threads)" if device.type == "cpu"
             else torch.cuda.get_device_name(device), "test_n": test_n, "test": test, "vocab": len(tok),
             "stop_reason": res.stop_reason, "judge_pool": pool_kind}
+    history: list[dict] | dict = res.history
     if stage and previous:
         first = {k: previous[k] for k in ("steps", "batch_size", "train_minutes", "device", "test", "stop_reason", "spec")}
-        info = {**info, "handoff": {**stage.__dict__, "steps": res.steps}, "steps": previous["steps"],
-                "train_minutes": previous["train_minutes"], "handoff_minutes": info["train_minutes"], "first_stage": first}
+        this = {**stage.__dict__, "steps": res.steps, "minutes": info["train_minutes"], "device": info["device"],
+                "stop_reason": res.stop_reason, "test": test}
+        info = {**info, "steps": previous["steps"], "train_minutes": previous["train_minutes"], "first_stage": first,
+                "handoffs": [*done, this]}
+        history = {"first_stage": previous["history"], "handoffs": [*done_history, res.history]}
     write_card(dest, name, SPECS[name], sum(p.numel() for p in model.parameters()), info)
-    history = res.history if not previous else {"first_stage": previous["history"], "handoff": res.history}
     (dest / "training.json").write_text(json.dumps({"spec": SPECS[name].__dict__, **info, "history": history}, indent=1))
     print(json.dumps({tag: info}))
     return info
@@ -486,7 +494,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads: 2 train ~1.5x faster on idle cores, 5x slower when other processes use them")
     ap.add_argument("--handoff", action="store_true",
-                    help=f"second stage: continue the trained models ({', '.join(HANDOFF)}) on handoff rows (see Handoff)")
+                    help=f"continue the trained models ({', '.join(HANDOFF)}) with their next handoff stage (see Handoff)")
     ap.add_argument("--cards", action="store_true", help="only rewrite the model cards from each training.json")
     args = ap.parse_args()
     if args.cards:
