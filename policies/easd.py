@@ -26,9 +26,13 @@ What the sources fix and what is chosen here (``algorithms-seeds.md`` section 1)
   nats -- placeholders to be set per model pair (the arith config sets its own).
 - Entropies are over the full vocabulary of each model's raw (temperature-1)
   distribution, so the gate reads the same under greedy decoding and sampling.
-  Under greedy decoding the workers compute them (``Scores.entropies``, top-N from
-  ``Scores.top``: no vocabulary-sized rows cross the protocol); under sampling the
-  full rows are needed for the accept/reject test anyway and the gate reads them.
+  The workers compute them (``Scores.entropies``, top-N from ``Scores.top``), and
+  under sampling the usual test reads p and q at a few tokens as
+  ``policies.speculative`` does; the re-sample without the draft token is the
+  first of the large model's draws at that position that differs from it (a draw
+  from p conditioned on not being the draft token), so no vocabulary-sized row
+  crosses the protocol unless every draw there was the draft token (probability
+  p(x)^16 at a position the gate found uncertain), when p's row is read once.
 
 Gate rejections go into the trace as rejected ``tokens`` segments (with both
 entropies and the overlap in ``note``) and count as handoffs.
@@ -42,9 +46,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field
 
-from policies.speculative import accept_reject
-from policies.token_level import DraftVerifyParams, DraftVerifyPolicy, reject_draft
-from workers.sampling import sampling_probs
+from policies.speculative import RESIDUAL_DRAWS, SpeculativeDecoding, first_rejection, row_probs
+from policies.token_level import DraftVerifyParams, reject_draft
+from workers.protocol import joined
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -83,40 +87,42 @@ def without(probs: torch.Tensor, token: int) -> torch.Tensor:
     return rest / total if total > 0 else probs
 
 
-class EntropyAwareSD(DraftVerifyPolicy):
+class EntropyAwareSD(SpeculativeDecoding):
+    """The lossless rule's draft and reads (``SpeculativeDecoding``) with the entropy gate in front of its test."""
+
     name = "easd"
     params: EASDParams
 
     async def verify(self, session: Session, ids: Sequence[int], draft: Generation) -> tuple[int, int | None]:
         tokens = draft.token_ids
         ended = draft.finish_reason == "eos"
-        p, sp = self.params, session.params
-        if sp.greedy:
-            ls = await session.score("large", ids, tokens, top_k=p.top_n, entropies=True, sample=session.gen_params())
-            qs = await session.score("small", ids, tokens, top_k=p.top_n, entropies=True)
-            for i, x in enumerate(tokens):
-                why = gate(p, qs.entropies[i], ls.entropies[i], list(qs.top[i]), list(ls.top[i]))
-                if why is not None:
-                    reject_draft(session, [x], why)
-                    return i, max((t for t in ls.top[i] if t != x), key=ls.top[i].get)
-                if ls.sampled[i] != x:
-                    return i, ls.sampled[i]
-            return len(tokens), None if ended else ls.sampled[-1]
-        ps = await session.score("large", ids, tokens, full_dists=True, full_next=not ended)
-        qs = await session.score("small", ids, tokens, full_dists=True)
-        lp, lq = torch.tensor(ps.dists), torch.tensor(qs.dists)
-        entropy = lambda rows: -(rows.exp() * rows).sum(-1)  # noqa: E731  (raw log-softmax rows)
-        hp, hq = entropy(lp), entropy(lq)
-        top_p, top_q = lp.topk(p.top_n, -1).indices, lq.topk(p.top_n, -1).indices
+        p, greedy = self.params, session.params.greedy
+        ls = await session.score("large", ids, tokens, top_k=p.top_n, entropies=True, sample=session.gen_params(),
+                                 draws=0 if greedy else RESIDUAL_DRAWS)
+        qs = await session.score("small", ids, tokens, top_k=p.top_n, entropies=True)
         fired = ((i, why) for i in range(len(tokens))
-                 if (why := gate(p, float(hq[i]), float(hp[i]), top_q[i].tolist(), top_p[i].tolist())) is not None)
+                 if (why := gate(p, qs.entropies[i], ls.entropies[i], list(qs.top[i]), list(ls.top[i]))) is not None)
         g, why = next(fired, (len(tokens), None))
-        probs = lambda rows: sampling_probs(rows, sp.temperature, sp.top_k, sp.top_p)  # noqa: E731
-        pp, pq = probs(lp), probs(lq)
         rng = session.generator()
-        p_next = None if ended or g < len(tokens) else probs(torch.tensor([ps.next_logprobs]))[0]
-        n, nxt = accept_reject(pp[:g], pq[:g], tokens[:g], p_next, rng)
-        if n == g and why is not None:  # the usual test kept everything before the gate: re-sample there
-            reject_draft(session, [tokens[g]], why)
-            return g, int(torch.multinomial(without(pp[g], tokens[g]), 1, generator=rng))
-        return n, nxt
+        if greedy:
+            n = next((i for i in range(g) if ls.sampled[i] != tokens[i]), g)
+        else:
+            n = first_rejection(ls.sample_logprobs[:g], draft.sample_logprobs[:g], rng)
+        if n < g:  # the usual test turned a token down before the gate
+            return n, ls.sampled[n] if greedy else await self.residual_at(session, ids, tokens, n, ls, rng)
+        if why is None:
+            return g, None if ended else ls.sampled[g]
+        x = tokens[g]
+        reject_draft(session, [x], why)
+        if greedy:
+            return g, max((t for t in ls.top[g] if t != x), key=ls.top[g].get)
+        return g, await self.without_draft(session, joined(ids, tokens[:g]), x, ls.draws[g], rng)
+
+    async def without_draft(self, session: Session, prefix: Sequence[int], x: int, draws: list[int],
+                            rng: torch.Generator) -> int:
+        """A token from p after ``prefix`` conditioned on not being ``x``: the first of ``draws`` (from p) that is
+        not ``x``, else (every draw was ``x``) drawn from p's row without it."""
+        if (y := next((y for y in draws if y != x), None)) is not None:
+            return y
+        row = (await session.score("large", prefix, [], full_next=True)).next_logprobs
+        return int(torch.multinomial(without(row_probs([row], session.params)[0], x), 1, generator=rng))

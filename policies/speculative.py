@@ -180,12 +180,18 @@ class SpeculativeDecoding(DraftVerifyPolicy):
         i = first_rejection(ps.sample_logprobs, q, rng)
         if i == len(tokens):
             return i, None if ended else ps.sampled[i]
+        return i, await self.residual_at(session, ids, tokens, i, ps, rng)
+
+    async def residual_at(self, session: Session, ids: Sequence[int], tokens: list[int], i: int, ps: Scores,
+                          rng: torch.Generator) -> int:
+        """The residual token at draft position ``i`` (rejected), from the verification pass ``ps``'s draws there:
+        the small model is asked for q at them only (a one-row call: its cache holds the prefix)."""
         prefix = joined(ids, tokens[:i])
         qs = await session.score("small", prefix, [], sample=session.gen_params(), candidates=[ps.draws[i]])
         token = residual_pick(ps.draws[i], ps.draw_logprobs[i], qs.candidate_logprobs[0], rng)
         if token is None:
             token = await self.residual(session, prefix, RESIDUAL_DRAWS * RESIDUAL_GROWTH)
-        return i, token
+        return token
 
     async def residual(self, session: Session, prefix: Sequence[int], draws: int) -> int:
         """The residual token after ``prefix`` when the verification pass's draws all failed: ask for more."""

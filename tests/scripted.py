@@ -97,6 +97,7 @@ class TableWorker(_Base):
         super().__init__()
         self.logits = torch.tensor(logits, dtype=torch.float32)
         self.markov = markov
+        self.rows_sent = 0  # vocabulary-sized rows its score calls returned (full_dists, full_next)
 
     def _at(self, context: list[int]) -> torch.Tensor:
         if self.markov:
@@ -143,6 +144,7 @@ class TableWorker(_Base):
             dists=[r.tolist() for r in rows[:-1]] if full_dists else None,
             next_logprobs=rows[-1].tolist() if full_next else None,
         )
+        self.rows_sent += len(out.dists or []) + (out.next_logprobs is not None)
         if sample is not None:
             fill_sample_reads(out, torch.stack(rows), continuation_ids, sample, draws, candidates)
         return out

@@ -143,7 +143,8 @@ async def test_easd_rejects_an_uncertain_agreed_token_where_sd_keeps_it():
 
 
 async def test_easd_sampling_resamples_without_the_draft_token():
-    """Gate open at the first position whatever is drafted: the token is drawn from p without the draft's."""
+    """Gate open at the first position whatever is drafted: the token is drawn from p without the draft's, and
+    no vocabulary-sized row crosses the protocol."""
     q_row, p_row = [0.0, 3.0, 0.0, -1.0], [0.3, 0.1, 0.0, -0.3]  # entropies 0.44 and 1.37 nats
     small, large = TableWorker([q_row]), TableWorker([p_row])
     q, p = torch.softmax(torch.tensor(q_row), -1), torch.softmax(torch.tensor(p_row), -1)
@@ -159,6 +160,21 @@ async def test_easd_sampling_resamples_without_the_draft_token():
         counts[text(s)] += 1
     assert chi2(counts, exact, n) < 16.3  # chi-square, 3 dof, p = 0.001
     assert counts["\x01"] / n < float(p[1]) - 0.15  # far from the large model's own distribution (0.04 vs 0.26)
+    assert small.rows_sent == large.rows_sent == 0  # entropies, top-N and the draws are read in the workers
+
+
+async def test_easd_sampling_reads_the_row_once_when_every_draw_is_the_draft_token():
+    """Gate forced open where p is nearly all on the drafted token: its 16 draws are all that token, so the
+    re-sample reads p's row once and draws from the rest, evenly here."""
+    sure = [-9.0, 9.0, -9.0, -9.0]
+    small, large = TableWorker([sure]), TableWorker([sure])
+    params = EASDParams(draft_tokens=1, entropy_threshold=0.0, top_n=2, overlap_threshold=0.0)
+    counts = collections.Counter()
+    for seed in range(300):
+        s = await run(params, small, large, max_tokens=1, temperature=1.0, seed=seed, prompt=[])
+        counts[text(s)] += 1
+    assert large.rows_sent == 300 and small.rows_sent == 0
+    assert set(counts) == {"", "\x00", "\x02"} and min(counts.values()) > 60, counts
 
 
 # ------------------------------------------------------------------ Speculative Verification
@@ -314,6 +330,15 @@ async def test_policy_runs_records_and_meets_its_limit(pair, large_only, config,
         assert any(not s.accepted for r in results for s in r.segments)  # some tails go unverified
     limit = await solve(pair, f"arith-v1/{config}", exact)
     assert [r.text for r in limit] == large_only
+
+
+async def test_easd_samples_on_real_models_without_moving_rows(pair):
+    """Under sampling the gate and the test read entropies, top-N, p and q at a few tokens in the real workers."""
+    results = await solve(pair, "arith-v1/easd", ["sampling.temperature=0.8", "sampling.seed=3",
+                                                  "policy.entropy_threshold=0.05"])
+    for r in results:
+        assert r.text == "".join(s.text for s in r.segments if s.accepted) and r.metrics.proposed > 0
+    assert any((s.note or "").startswith("entropy gate") for r in results for s in r.segments)
 
 
 async def test_spec_verification_with_a_companion_model(pair, large_only):
