@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field
 
-from policies.speculative import RESIDUAL_DRAWS, SpeculativeDecoding, first_rejection, row_probs
+from policies.speculative import SpeculativeDecoding, first_rejection, residual_at, row_probs, verifier_reads
 from policies.token_level import DraftVerifyParams, reject_draft
 from workers.protocol import joined
 
@@ -97,8 +97,8 @@ class EntropyAwareSD(SpeculativeDecoding):
         tokens = draft.token_ids
         ended = draft.finish_reason == "eos"
         p, greedy = self.params, session.params.greedy
-        ls = await session.score("large", ids, tokens, top_k=p.top_n, entropies=True, sample=session.gen_params(),
-                                 draws=0 if greedy else RESIDUAL_DRAWS)
+        reads = {"sample": session.gen_params()} if greedy else verifier_reads(session)
+        ls = await session.score("large", ids, tokens, top_k=p.top_n, entropies=True, **reads)
         qs = await session.score("small", ids, tokens, top_k=p.top_n, entropies=True)
         fired = ((i, why) for i in range(len(tokens))
                  if (why := gate(p, qs.entropies[i], ls.entropies[i], list(qs.top[i]), list(ls.top[i]))) is not None)
@@ -109,7 +109,11 @@ class EntropyAwareSD(SpeculativeDecoding):
         else:
             n = first_rejection(ls.sample_logprobs[:g], draft.sample_logprobs[:g], rng)
         if n < g:  # the usual test turned a token down before the gate
-            return n, ls.sampled[n] if greedy else await self.residual_at(session, ids, tokens, n, ls, rng)
+            if greedy:
+                return n, ls.sampled[n]
+            token, _ = await residual_at(session, "large", "small", joined(ids, tokens[:n]), ls.draws[n],
+                                         ls.draw_logprobs[n], rng)
+            return n, token
         if why is None:
             return g, None if ended else ls.sampled[g]
         x = tokens[g]

@@ -48,8 +48,9 @@ the divergence needs them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -57,7 +58,10 @@ from pydantic import Field, model_validator
 from policies.divergences import Divergence, divergence
 from policies.levels import Block, ChainPolicy, Level, Lossless
 from policies.token_level import DraftVerifyParams
-from workers.protocol import GenParams, Scores
+
+if TYPE_CHECKING:
+    from orchestrator.session import Session
+    from workers.protocol import Scores
 
 
 class PyramidParams(DraftVerifyParams):
@@ -88,16 +92,21 @@ class Fuzzy:
     def reads_rows(self, greedy: bool) -> bool:
         return True
 
-    def reads_draws(self, greedy: bool) -> bool:
-        return True
+    def reads_q(self, greedy: bool) -> bool:
+        return False
 
-    def decide(self, s: Scores, block: Block, params: GenParams, rng: torch.Generator) -> tuple[int, int | None]:
+    def pass_reads(self, session: Session, block: Block) -> dict:
+        return {"full_dists": True, "full_next": not block.ended, "sample": session.gen_params()}
+
+    async def decide(self, session: Session, roles: tuple[str, str], ids: Sequence[int], s: Scores, block: Block,
+                     rng: torch.Generator) -> tuple[int, int | None, float | None]:
+        """The verifier's own draw (``Scores.sampled``) replaces the first miss; its log-probability is not read."""
         div = divergence(self.kind, torch.tensor(s.dists).exp(), torch.tensor(block.dists).exp(), self.top_k)
         misses = (div > self.threshold).nonzero()
         if len(misses):
             i = int(misses[0, 0])
-            return i, s.sampled[i]
-        return len(block.token_ids), None if block.ended else s.sampled[-1]
+            return i, s.sampled[i], None
+        return len(block.token_ids), None if block.ended else s.sampled[-1], None
 
 
 class PyramidSD(ChainPolicy):

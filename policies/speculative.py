@@ -16,8 +16,9 @@ position's draws; the residual is drawn by rejection sampling from p's draws
 (``residual_pick``), so verification crosses the worker boundary in O(draft
 length) numbers however large the vocabulary.
 
-The rules here are shared: ``lossless`` is every level's rule in hierarchical
-speculative decoding (``policies.hierarchical``), ``recursive_accept`` the
+The rules here are shared: ``accept_or_resample`` (with ``greedy_match``) is every
+lossless level's rule in hierarchical speculative decoding (``policies.levels``),
+between any two roles, ``recursive_accept`` the
 multi-candidate rule (``policies.multi_candidate``) of which the single-draft test
 is the one-candidate case.
 """
@@ -102,20 +103,6 @@ def row_probs(rows: list[list[float]], params: GenParams) -> torch.Tensor:
     return sampling_probs(torch.tensor(rows), params.temperature, params.top_k, params.top_p)
 
 
-def lossless(draft: list[int], ended: bool, p: Scores, q_dists: list[list[float]] | None, params: GenParams,
-             rng: torch.Generator) -> tuple[int, int | None]:
-    """The lossless rule on a verifier's pass ``p`` over ``draft`` (drawn from the rows ``q_dists``).
-
-    Greedy: ``greedy_match`` on the pass's argmax (``p.sampled``; no rows needed).
-    Sampling: ``accept_reject`` on the sampling distributions of ``p.dists`` (and
-    ``p.next_logprobs`` for the bonus token unless the draft ``ended`` with EOS) and q.
-    """
-    if params.greedy:
-        return greedy_match(draft, p.sampled, ended)
-    p_next = None if ended else row_probs([p.next_logprobs], params)[0]
-    return accept_reject(row_probs(p.dists, params), row_probs(q_dists, params), draft, p_next, rng)
-
-
 #: Draws from p a verification pass returns per position, and how the residual's later asks grow: at a
 #: rejection a residual token is found among the draws with probability 1 - (1 - TV(p, q))^n, so a
 #: further ask is needed at under 1/(n e) of positions, with n the draws so far.
@@ -135,8 +122,9 @@ def first_rejection(p_logprobs: Sequence[float], q_logprobs: Sequence[float], rn
 
 
 def residual_pick(draws: Sequence[int], p_logprobs: Sequence[float], q_logprobs: Sequence[float],
-                  rng: torch.Generator) -> int | None:
-    """A token from the residual norm(max(0, p - q)) by rejection sampling draws from p, or None if all fail.
+                  rng: torch.Generator) -> tuple[int, float] | None:
+    """A token from the residual norm(max(0, p - q)) by rejection sampling draws from p, with its log p; or None
+    if all fail.
 
     Draw y ~ p is kept with probability (p(y) - q(y))+ / p(y) <= 1: a kept draw has
     exactly the residual's distribution, and only a few numbers per draw cross the
@@ -145,8 +133,54 @@ def residual_pick(draws: Sequence[int], p_logprobs: Sequence[float], q_logprobs:
     for y, lp, lq in zip(draws, p_logprobs, q_logprobs):
         p, q = math.exp(lp), math.exp(lq)
         if torch.rand((), generator=rng) * p < p - q:
-            return y
+            return y, lp
     return None
+
+
+def verifier_reads(session: Session) -> dict:
+    """What a lossless verification pass asks of the verifier under sampling: p at the draft tokens (with the
+    sampling params), ``RESIDUAL_DRAWS`` draws from p per position and after the draft."""
+    return {"sample": session.gen_params(), "draws": RESIDUAL_DRAWS}
+
+
+async def accept_or_resample(session: Session, verifier: str, drafter: str, ids: Sequence[int], tokens: list[int],
+                             q_logprobs: Sequence[float], ended: bool, ps: Scores,
+                             rng: torch.Generator) -> tuple[int, int | None, float | None]:
+    """The lossless rule under sampling on the verifier's pass ``ps`` (``verifier_reads``) over ``tokens``, drawn
+    with ``q_logprobs``: (tokens kept, the next token, its log-probability under the verifier).
+
+    The next token is the residual's at the first rejection (``residual_at``), or after a fully kept draft one
+    of p's draws there (the bonus; None when the draft ``ended`` with EOS).
+    """
+    i = first_rejection(ps.sample_logprobs, q_logprobs, rng)
+    if i < len(tokens):
+        return i, *await residual_at(session, verifier, drafter, joined(ids, tokens[:i]), ps.draws[i],
+                                     ps.draw_logprobs[i], rng)
+    return (i, None, None) if ended else (i, ps.draws[i][0], ps.draw_logprobs[i][0])
+
+
+async def residual_at(session: Session, verifier: str, drafter: str, prefix: Sequence[int], draws: list[int],
+                      draw_logprobs: list[float], rng: torch.Generator) -> tuple[int, float]:
+    """The residual token after ``prefix`` (and its log p) from the verifier's ``draws`` there.
+
+    The drafter is asked for q at the draws only (a one-row call: its cache holds the prefix). When all are
+    turned down, the verifier is asked for ``RESIDUAL_GROWTH`` times more, up to ``RESIDUAL_ASKS`` asks in all;
+    then, as a last resort, the residual is read from the two rows.
+    """
+    n = RESIDUAL_DRAWS
+    for ask in range(RESIDUAL_ASKS):
+        if ask:
+            n *= RESIDUAL_GROWTH
+            ps = await session.score(verifier, prefix, [], sample=session.gen_params(), draws=n)
+            draws, draw_logprobs = ps.draws[0], ps.draw_logprobs[0]
+        qs = await session.score(drafter, prefix, [], sample=session.gen_params(), candidates=[draws])
+        if (picked := residual_pick(draws, draw_logprobs, qs.candidate_logprobs[0], rng)) is not None:
+            return picked
+    ps = await session.score(verifier, prefix, [], full_next=True)
+    qs = await session.score(drafter, prefix, [], full_next=True)
+    p, q = row_probs([ps.next_logprobs, qs.next_logprobs], session.params)
+    token = int(torch.multinomial(residual_probs(p, q), 1, generator=rng))
+    return token, math.log(float(p[token]))
 
 
 class SpeculativeDecoding(DraftVerifyPolicy):
@@ -162,8 +196,8 @@ class SpeculativeDecoding(DraftVerifyPolicy):
         """Greedy: the large model's argmax, read in the worker. Sampling: p and q at a few tokens each.
 
         The draft came with q at its tokens; the large model's pass returns p there,
-        ``RESIDUAL_DRAWS`` draws from p per position and its own draw after the draft
-        (the bonus token). Only at a rejection is the small model asked again, for q
+        ``RESIDUAL_DRAWS`` draws from p per position and after the draft (the first
+        there is the bonus token). Only at a rejection is the small model asked again, for q
         at that position's draws (a one-row call: its cache holds the prefix). No row
         of either distribution crosses the boundary: O(draft length) numbers a round.
         """
@@ -172,37 +206,9 @@ class SpeculativeDecoding(DraftVerifyPolicy):
         if session.params.greedy:
             s = await session.score("large", ids, tokens, sample=session.gen_params())
             return greedy_match(tokens, s.sampled, ended)
-        ps = await session.score("large", ids, tokens, sample=session.gen_params(), draws=RESIDUAL_DRAWS)
+        ps = await session.score("large", ids, tokens, **verifier_reads(session))
         q = draft.sample_logprobs
         if q is None:  # drafted without them (a subclass's own draft): read q at its tokens
             q = (await session.score("small", ids, tokens, sample=session.gen_params())).sample_logprobs
-        rng = session.generator()
-        i = first_rejection(ps.sample_logprobs, q, rng)
-        if i == len(tokens):
-            return i, None if ended else ps.sampled[i]
-        return i, await self.residual_at(session, ids, tokens, i, ps, rng)
-
-    async def residual_at(self, session: Session, ids: Sequence[int], tokens: list[int], i: int, ps: Scores,
-                          rng: torch.Generator) -> int:
-        """The residual token at draft position ``i`` (rejected), from the verification pass ``ps``'s draws there:
-        the small model is asked for q at them only (a one-row call: its cache holds the prefix)."""
-        prefix = joined(ids, tokens[:i])
-        qs = await session.score("small", prefix, [], sample=session.gen_params(), candidates=[ps.draws[i]])
-        token = residual_pick(ps.draws[i], ps.draw_logprobs[i], qs.candidate_logprobs[0], rng)
-        if token is None:
-            token = await self.residual(session, prefix, RESIDUAL_DRAWS * RESIDUAL_GROWTH)
-        return token
-
-    async def residual(self, session: Session, prefix: Sequence[int], draws: int) -> int:
-        """The residual token after ``prefix`` when the verification pass's draws all failed: ask for more."""
-        for _ in range(RESIDUAL_ASKS - 1):
-            ps = await session.score("large", prefix, [], sample=session.gen_params(), draws=draws)
-            qs = await session.score("small", prefix, [], sample=session.gen_params(), candidates=ps.draws)
-            token = residual_pick(ps.draws[0], ps.draw_logprobs[0], qs.candidate_logprobs[0], session.generator())
-            if token is not None:
-                return token
-            draws *= RESIDUAL_GROWTH
-        ps = await session.score("large", prefix, [], full_next=True)
-        qs = await session.score("small", prefix, [], full_next=True)
-        p, q = row_probs([ps.next_logprobs, qs.next_logprobs], session.params)
-        return int(torch.multinomial(residual_probs(p, q), 1, generator=session.generator()))
+        n, token, _ = await accept_or_resample(session, "large", "small", ids, tokens, q, ended, ps, session.generator())
+        return n, token

@@ -169,16 +169,26 @@ def test_divergences_follow_fsd_conventions():
 # ------------------------------------------------------------------ lossless in distribution, end to end
 
 
-async def test_hierarchical_fits_the_large_model_over_three_tokens():
-    """T_0 = 1, T_1 = 2: the mid model asks for several small drafts per block; every level verifies."""
-    n = 1200
-    counts = await outputs(HierarchicalParams(draft_tokens=1, mid_tokens=2), trio(), n, 3)
+@pytest.mark.parametrize(("draws", "asks"), [(16, 4), (1, 1)])
+async def test_hierarchical_fits_the_large_model_over_three_tokens(monkeypatch, draws, asks):
+    """T_0 = 1, T_1 = 2: the mid model asks for several small drafts per block; every level verifies.
+
+    Each level reads p and q at a few tokens (q at a residual's draws from the level below), so no
+    vocabulary-sized row crosses the protocol, unless the draws are made to run out (one draw, one ask)
+    and the residual's last resort reads two rows.
+    """
+    monkeypatch.setattr(speculative, "RESIDUAL_DRAWS", draws)
+    monkeypatch.setattr(speculative, "RESIDUAL_ASKS", asks)
+    n, workers = 1200, trio()
+    counts = await outputs(HierarchicalParams(draft_tokens=1, mid_tokens=2), workers, n, 3)
     target = exact(LARGE, 3)
     assert chi_square_p(counts, target, n) > 1e-3, counts
     first = collections.Counter()
     for k, c in counts.items():
         first[k[:1]] += c
     assert chi_square_p(first, exact(LARGE, 1), n) > 1e-3, first
+    rows = {role: w.rows_sent for role, w in workers.items()}
+    assert (sum(rows.values()) == 0) == (draws == 16), rows
 
 
 async def test_hierarchical_under_temperature_and_top_k_fits_the_sampling_distribution():
@@ -356,3 +366,15 @@ async def test_real_models_pyramid_solves_with_a_consistent_trace(models):
         assert r.text == "".join(g.text for g in r.segments if g.accepted)
         assert {g.author for g in r.segments} <= {"small", "mid", "large"}
         assert r.metrics.accepted <= r.metrics.proposed
+
+
+@pytest.mark.parametrize("config", ["hierarchical", "pyramid"])
+async def test_real_models_sample_with_a_consistent_trace(models, config):
+    """Under sampling each level's reads run in the real workers: hierarchical's p and q at a few tokens and
+    draws, PyramidSD-A's lossless qualifier beside the rows its fuzzy target reads."""
+    overrides = ["sampling.temperature=0.8", "sampling.seed=5", *(["policy.variant=A"] if config == "pyramid" else [])]
+    results = await solve(models, f"arith-v1/{config}", overrides)
+    for r in results:
+        assert r.text and r.text == "".join(g.text for g in r.segments if g.accepted)
+        assert r.metrics.accepted <= r.metrics.proposed
+    assert sum(r.metrics.accepted for r in results) > 0
