@@ -1,7 +1,7 @@
 """Hierarchical speculative decoding (HSD; Globerson, Kaplan, Mansour, Mohri, Schuster; arXiv 2510.19705).
 
 A hierarchy of drafts, small -> mid -> large, every level verifying the one below
-with the lossless rule (``policies.speculative.lossless``), so the output has the
+with the lossless rule (``policies.levels.Lossless``), so the output has the
 large model's distribution exactly (greedy: LargeOnly's text token for token). The
 mechanism is ``policies.levels``:
 
