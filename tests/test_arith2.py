@@ -300,8 +300,9 @@ def test_large_smoke_run_judges_the_small_models_steps(tmp_path: Path, one_threa
     assert "judge rows ramp to 25%" in (tmp_path / "large" / "README.md").read_text()
 
 
-def test_handoff_stage_continues_the_trained_model(tmp_path: Path, one_thread):
+def test_handoff_stage_continues_the_trained_model(tmp_path: Path, one_thread, monkeypatch):
     """``--handoff`` starts from the folder's weights and trains the next stage; card and history keep every stage."""
+    monkeypatch.setitem(t2.HANDOFF, "large", t2.HANDOFF["large"][:2])  # two stages show the mechanism
     args = dict(minutes=2.0, batch_size=2, seed=0, eval_every=1, ckpt_every=1, max_steps=1, device=torch.device("cpu"),
                 val_n=2, test_n=2, pool_n=4, max_new_tokens=24)
     t2.train("small", tmp_path, **args)
