@@ -101,12 +101,13 @@ class Handoff:
 
 # The shipped large model's first handoff stage ran 1200 steps under a 1200-step schedule, then resumed to 2000
 # (``--max-steps 2000``); it left held-out accuracy at 0.775 and rising, so a second stage polishes at a lower rate
-# (0.835 after it), and a third at half that rate again.
+# (0.835 after it), a third at half that rate again (0.890), and a short fourth at half of that.
 HANDOFF = {
     "large": (
         Handoff(steps=2000, lr=1e-3, share=0.5),
         Handoff(steps=1700, lr=5e-4, share=0.5),
         Handoff(steps=1800, lr=2.5e-4, share=0.5),
+        Handoff(steps=1000, lr=1.25e-4, share=0.5),
     )
 }
 JUDGE_START, JUDGE_FULL = 0.3, 0.5  # curriculum: fractions of training where judge rows start and reach judge_share
