@@ -83,6 +83,56 @@ def test_growing_cache_layer_appends_in_place_and_never_writes_into_cached_kv() 
     assert torch.equal(cached[0][0], before)  # the cached entry it started from is untouched
 
 
+async def test_a_call_that_extends_a_cached_chain_writes_in_place_and_loses_nothing() -> None:
+    """Each call used to copy the whole cached prefix into a new buffer (O(context) per call: at a few hundred
+    tokens as much as a short verification's forward pass). A lone call now writes on in the buffer it hit when
+    nobody else writes there, dropping the cached entries it overwrites; branches, rewinds and concurrent calls
+    from one prefix must still see exactly what a worker without any cache computes."""
+    from orchestrator.prompting import prompt_ids, to_messages
+    from tests.conftest import arith_model
+    from workers.hf_backend import HFWorker
+
+    worker, plain = HFWorker(arith_model("arith2/small")), HFWorker(arith_model("arith2/small"), kv_cache_tokens=0)
+    try:
+        prompt = prompt_ids(worker.tokenizer, to_messages("53 + 51 - 6 + 20 - 99"))
+        chain = prompt + (await worker.generate(prompt, GenParams(max_tokens=80))).token_ids
+        n = len(prompt)
+        buffers = set(worker.cache._by_buffer)
+        calls = [(n + 10, 8), (n + 18, 8), (n + 14, 8), (n + 30, 20), (n + 5, 40)]  # on, on, rewind, on, far back
+        for start, k in calls:
+            got, want = await worker.score(chain[:start], chain[start : start + k]), \
+                await plain.score(chain[:start], chain[start : start + k])
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+        assert set(worker.cache._by_buffer) == buffers  # every call went on in the chain's one buffer
+        branch = chain[: n + 20] + [chain[n + 25]] * 5  # a different continuation of a cached prefix
+        reads = [(chain[: n + 20], chain[n + 20 : n + 28]), (branch[:-3], branch[-3:]),
+                 (chain[: n + 40], chain[n + 40 : n + 44])]
+        for a, b in reads + reads[::-1]:  # one at a time: the branch overwrites the chain's positions, and back
+            got, want = await worker.score(a, b), await plain.score(a, b)
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+        tail = GenParams(max_tokens=30)
+        got = await asyncio.gather(*(worker.score(a, b) for a, b in reads), worker.generate(chain[: n + 12], tail))
+        want = await asyncio.gather(*(plain.score(a, b) for a, b in reads), plain.generate(chain[: n + 12], tail))
+        for g, w in zip(got[:-1], want[:-1]):
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert got[-1].token_ids == want[-1].token_ids == chain[n + 12 : n + 42]
+        assert (await worker.generate(prompt, GenParams(max_tokens=80))).token_ids == chain[n:]
+        # a generation still decoding owns its buffer: a call that hits its entry meanwhile must copy
+        traced = GenParams(max_tokens=60, logprobs=0)
+        decoding = asyncio.create_task(worker.generate(chain[: n + 5], traced))
+        passes = worker._stats.forward_passes
+        while worker._stats.forward_passes < passes + 3:
+            await asyncio.sleep(0.002)
+        got, want = await worker.score(chain[: n + 3], branch[-5:]), await plain.score(chain[: n + 3], branch[-5:])
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+        got, want = await decoding, await plain.generate(chain[: n + 5], traced)
+        assert got.token_ids == want.token_ids == chain[n + 5 : n + 65]
+        assert [t.logprob for t in got.logprobs] == pytest.approx([t.logprob for t in want.logprobs], abs=1e-4)
+    finally:
+        await worker.close()
+        await plain.close()
+
+
 async def test_a_finished_row_is_answered_while_its_round_decodes(engines: Any) -> None:
     """Continuous batching: a generation that finishes is returned at once, not when its round ends. The engine
     used to answer rows only then, up to 4 x ``round_steps`` steps later when nothing else waits, so a caller's

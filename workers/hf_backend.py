@@ -18,7 +18,10 @@ queued to it; it serves them in shared forward passes:
 
 Finished sequences leave their KV in the prefix cache, so the next call of the
 same session (the next reasoning step, a judge prompt over the same context)
-pays only for its new tokens.
+pays only for its new tokens. A call served alone writes on in the buffer of
+the entry it hit, in place, when no live request writes there (the entries it
+overwrites are dropped): a chain's calls share one buffer instead of copying
+the whole context once per call.
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ class GrowingLayer(DynamicLayer):
     ``DynamicLayer`` concatenates on every update, copying the whole cache for each
     decoded token (O(context) per token). This layer keeps a buffer with
     ``HEADROOM`` spare positions, doubling it when full, and exposes the filled part
-    as a view, so a decode step costs O(new positions). It always starts from its own
-    buffer: cached KV handed to it is copied once (a prefix-cache entry may be
-    shared by several requests and must never be written into).
+    as a view, so a decode step costs O(new positions). Cached KV handed to it is
+    copied once into its own buffer, unless the caller lets it ``adopt`` the
+    buffer that KV is a leading view of: then it writes on from there, in place
+    (the caller has made sure nothing else reads or writes past that point).
     """
 
     HEADROOM = 256
@@ -89,27 +93,57 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
         return self.keys, self.values
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Go on in the buffer ``keys`` / ``values`` are leading views of, without copying; False if they are not."""
+        bk, bv = _buffer_of(keys), _buffer_of(values)
+        if bk is None or bv is None:
+            return False
+        self.lazy_initialization(keys, values)
+        self._k, self._v, self._n = bk, bv, keys.shape[-2]
+        self.keys, self.values = keys, values
+        return True
 
-def growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Cache:
-    """A cache of ``GrowingLayer``s, filled with ``layers`` (copied) when given."""
+
+def _buffer_of(view: torch.Tensor) -> torch.Tensor | None:
+    """The whole cache buffer (batch, heads, room, dim) that ``view`` is the first positions of, or None.
+
+    Read from the view's storage and strides: tensors made under ``torch.inference_mode`` keep no ``_base``.
+    """
+    if view.dim() != 4 or view.storage_offset() != 0:
+        return None
+    b, h, _, d = view.shape
+    s0, s1, s2, s3 = view.stride()
+    if s3 != 1 or s2 != d or s1 % d or s0 != h * s1:
+        return None
+    room = s1 // d
+    if view.untyped_storage().nbytes() != b * h * room * d * view.element_size():
+        return None
+    return view.as_strided((b, h, room, d), view.stride())
+
+
+def growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None, adopt: bool = False) -> Cache:
+    """A cache of ``GrowingLayer``s, filled with ``layers`` when given: copied, or with ``adopt`` their buffers
+    taken over in place where they are leading views of one (see ``GrowingLayer.adopt``)."""
     if layers is None:
         return Cache(layer_class_to_replicate=GrowingLayer)
     cache = Cache(layers=[GrowingLayer() for _ in layers])
     for layer, (k, v) in zip(cache.layers, layers):
-        layer.update(k, v)
+        if not (adopt and layer.adopt(k, v)):
+            layer.update(k, v)
     return cache
 
 
-def stack_kv(kvs: list[KV | None], width: int) -> Cache:
+def stack_kv(kvs: list[KV | None], width: int, adopt: bool = False) -> Cache:
     """Rows' caches left-padded to ``width`` in one batched cache (empty when nothing is cached).
 
-    Each row is copied once, into the batched cache's own buffer.
+    Each row is copied once, into the batched cache's own buffer; a single row may instead ``adopt``
+    the buffer its cache is a view of.
     """
     ref = next((kv for kv in kvs if kv is not None), None)
     if ref is None or width == 0:
         return growing_cache()
     if len(kvs) == 1 and kvs[0][0][0].shape[2] == width:
-        return growing_cache(kvs[0])
+        return growing_cache(kvs[0], adopt=adopt)
     layers = []
     for layer, (k0, _) in enumerate(ref):
         keys = k0.new_zeros((len(kvs), k0.shape[1], width, k0.shape[3]))
@@ -168,10 +202,17 @@ class _Request:
     done: bool = False
     finish: tuple[str, str | None] = ("length", None)
     cancelled: bool = False
+    resolved: bool = False
     result: Any = None
     clock: CallClock = field(default_factory=CallClock)  # queue, prefill and decode time of this call
 
+    @property
+    def live(self) -> bool:
+        """Still to be answered: while live, a request may write into its KV buffer."""
+        return not (self.resolved or self.cancelled)
+
     def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.resolved = True
         if self.loop is None:  # served synchronously (run_sync): the caller reads .result
             if error is not None:
                 raise error
@@ -256,6 +297,7 @@ class HFWorker:
         self._pending: set[_Request] = set()  # submitted, not answered yet: failed by close
         self._pieces: dict[int, str] = {}  # token id -> its text alone (the stop-string pre-check)
         self._held: _Batch | None = None  # the last round's batch, kept while its rows go on together
+        self._writers: dict[int, _Request] = {}  # a KV buffer's address -> the request writing into it
         self.speculator = None
         if speculative is not None and getattr(speculative, "method", None):
             from workers.hf_speculation import make_speculator
@@ -478,15 +520,16 @@ class HFWorker:
 
     # ---------------------------------------------------------------- forward
 
-    def _forward(self, rows: list[tuple[KV | None, list[int]]],
-                 keep: list[int]) -> tuple[list[torch.Tensor], list[KV], _Batch]:
+    def _forward(self, rows: list[tuple[KV | None, list[int]]], keep: list[int],
+                 adopt: bool = False) -> tuple[list[torch.Tensor], list[KV], _Batch]:
         """One padded forward over rows of (cached KV, new tokens).
 
         Returns per row the logits of its last ``keep[i]`` new tokens (the positions
         its request reads: one for a generation, the continuation for a score), its
         updated KV, and the pass's batch (rows unset), which can go on decoding as
         it is. Logits are computed for those positions only: over a long uncached
-        prompt the full ``positions x vocabulary`` matrix would not fit.
+        prompt the full ``positions x vocabulary`` matrix would not fit. ``adopt``:
+        a single row writes on in its cached KV's buffer (``_may_adopt``).
         """
         pasts = [0 if kv is None else kv[0][0].shape[2] for kv, _ in rows]
         news = [len(ids) for _, ids in rows]
@@ -499,7 +542,7 @@ class HFWorker:
             positions[i, N - n :] = torch.arange(p, p + n)
             mask[i, P - p : P] = 1
             mask[i, P + N - n :] = 1
-        cache = stack_kv([kv for kv, _ in rows], P)
+        cache = stack_kv([kv for kv, _ in rows], P, adopt=adopt)
         k = max(keep)  # rows are right-aligned: the last k positions cover every row's reads
         logits = self._run_model(input_ids, mask, positions, cache, k)
         batch = _Batch((), cache, mask, torch.tensor(pasts) + torch.tensor(news))
@@ -541,7 +584,10 @@ class HFWorker:
             self._stats.requests += 1
             self._stats.prompt_tokens += len(r.ids) if r.kind != "score" else r.n_prefix
             self._stats.cached_prompt_tokens += cached
-        logits, kvs, batch = self._forward(rows, keep)
+        adopt = len(reqs) == 1 and self._may_adopt(reqs[0])
+        logits, kvs, batch = self._forward(rows, keep, adopt=adopt)
+        if len(reqs) == 1:  # its buffer holds the entry put below and, decoding, the tokens after it
+            self._writers[batch.cache.layers[0].keys.data_ptr()] = reqs[0]
         still_active = []
         for r, lg, kv in zip(reqs, logits, kvs):
             r.kv = kv
@@ -569,6 +615,24 @@ class HFWorker:
             batch.rows = tuple(still_active)
             self._hold(batch)
         return still_active
+
+    def _may_adopt(self, r: _Request) -> bool:
+        """Whether ``r`` (a lone prefill row) may write on in the buffer of the cache entry it hit, in place.
+
+        Copying the hit into a new buffer costs O(context) per call (at a few hundred tokens, as much as
+        the forward pass of a short verification), yet most calls extend the state the previous call of
+        the same chain left. The buffer is taken over when no live request writes into it; the cached
+        entries that reach past ``r``'s start in it are dropped, since ``r`` overwrites those positions
+        (what they hold up to the start stays valid, and ``r``'s own entry covers it).
+        """
+        self._writers = {ptr: w for ptr, w in self._writers.items() if w.live}
+        if r.kv is None:
+            return False
+        ptr = r.kv[0][0].data_ptr()
+        if ptr in self._writers:
+            return False
+        self.cache.drop_beyond(ptr, r.cached)
+        return True
 
     def _scores(self, r: _Request, lg: torch.Tensor) -> Scores:
         # lg holds the rows from the last prefix token on: lg[j] predicts continuation token j

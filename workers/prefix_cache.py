@@ -5,8 +5,11 @@ Lookups find the entry sharing the longest common prefix (LCP) with a new reques
 through a hash chain over 16-token blocks (as vLLM's prefix cache does), then
 finish the match token by token inside the last block, so a lookup costs
 O(len/16) dict probes, not a scan of every entry. A hit is served by slicing
-(a view, no copy): callers never write into cached tensors, new tokens are
-appended by concatenation. Memory is bounded by a token budget with LRU eviction.
+(a view, no copy). An entry's tensors are the first positions of a cache
+buffer that may have room after them; a caller that writes on in that buffer
+from position n first drops the entries that reach past n (``drop_beyond``),
+so every entry's view keeps the KV of its own ids. Memory is bounded by a
+token budget with LRU eviction.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._index: dict[int, int] = {}  # block-chain hash -> entry id
+        self._by_buffer: dict[int, set[int]] = {}  # address of an entry's first key tensor -> entry ids
         self._next_id = 0
         self.tokens = 0
 
@@ -74,14 +78,28 @@ class PrefixCache:
         eid = self._next_id
         self._next_id += 1
         self._entries[eid] = _Entry(tuple(ids), kv)
+        self._by_buffer.setdefault(kv[0][0].data_ptr(), set()).add(eid)
         self.tokens += len(ids)
         for h in _block_hashes(ids):
             self._index[h] = eid
         while self.tokens > self.max_tokens and self._entries:
             self._drop(next(iter(self._entries)))
 
+    def drop_beyond(self, buffer: int, n: int) -> None:
+        """Drop the entries in the KV buffer at address ``buffer`` that reach past position ``n``.
+
+        For a caller about to write into that buffer from ``n`` on (``HFWorker._may_adopt``): those
+        entries' views would see the new positions instead of their own.
+        """
+        for eid in [e for e in self._by_buffer.get(buffer, ()) if len(self._entries[e].ids) > n]:
+            self._drop(eid)
+
     def _drop(self, eid: int) -> None:
         entry = self._entries.pop(eid)
+        ptr = entry.kv[0][0].data_ptr()
+        self._by_buffer[ptr].discard(eid)
+        if not self._by_buffer[ptr]:
+            del self._by_buffer[ptr]
         self.tokens -= len(entry.ids)
         for h in _block_hashes(entry.ids):
             if self._index.get(h) == eid:
@@ -90,4 +108,5 @@ class PrefixCache:
     def clear(self) -> None:
         self._entries.clear()
         self._index.clear()
+        self._by_buffer.clear()
         self.tokens = 0
