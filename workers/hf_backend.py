@@ -529,7 +529,7 @@ class HFWorker:
         updated KV, and the pass's batch (rows unset), which can go on decoding as
         it is. Logits are computed for those positions only: over a long uncached
         prompt the full ``positions x vocabulary`` matrix would not fit. ``adopt``:
-        a single row writes on in its cached KV's buffer (``_may_adopt``).
+        a single row writes on in its cached KV's buffer (``_claim_hit_buffer``).
         """
         pasts = [0 if kv is None else kv[0][0].shape[2] for kv, _ in rows]
         news = [len(ids) for _, ids in rows]
@@ -584,7 +584,7 @@ class HFWorker:
             self._stats.requests += 1
             self._stats.prompt_tokens += len(r.ids) if r.kind != "score" else r.n_prefix
             self._stats.cached_prompt_tokens += cached
-        adopt = len(reqs) == 1 and self._may_adopt(reqs[0])
+        adopt = len(reqs) == 1 and self._claim_hit_buffer(reqs[0])
         logits, kvs, batch = self._forward(rows, keep, adopt=adopt)
         if len(reqs) == 1:  # its buffer holds the entry put below and, decoding, the tokens after it
             self._writers[batch.cache.layers[0].keys.data_ptr()] = reqs[0]
@@ -616,14 +616,14 @@ class HFWorker:
             self._hold(batch)
         return still_active
 
-    def _may_adopt(self, r: _Request) -> bool:
-        """Whether ``r`` (a lone prefill row) may write on in the buffer of the cache entry it hit, in place.
+    def _claim_hit_buffer(self, r: _Request) -> bool:
+        """Let ``r`` (a lone prefill row) write on in the buffer of the cache entry it hit, in place, if it may.
 
         Copying the hit into a new buffer costs O(context) per call (at a few hundred tokens, as much as
         the forward pass of a short verification), yet most calls extend the state the previous call of
         the same chain left. The buffer is taken over when no live request writes into it; the cached
         entries that reach past ``r``'s start in it are dropped, since ``r`` overwrites those positions
-        (what they hold up to the start stays valid, and ``r``'s own entry covers it).
+        (what they hold up to the start stays valid, and ``r``'s own entry covers it). Returns whether it may.
         """
         self._writers = {ptr: w for ptr, w in self._writers.items() if w.live}
         if r.kv is None:

@@ -88,7 +88,7 @@ class PrefixCache:
     def drop_beyond(self, buffer: int, n: int) -> None:
         """Drop the entries in the KV buffer at address ``buffer`` that reach past position ``n``.
 
-        For a caller about to write into that buffer from ``n`` on (``HFWorker._may_adopt``): those
+        For a caller about to write into that buffer from ``n`` on (``HFWorker._claim_hit_buffer``): those
         entries' views would see the new positions instead of their own.
         """
         for eid in [e for e in self._by_buffer.get(buffer, ()) if len(self._entries[e].ids) > n]:
