@@ -74,6 +74,8 @@ class ModelConfig(Strict):
     threads: int | None = Field(None, ge=1, description="hf on CPU: intra-op threads of this model's engine "
                                                         "(e.g. 1 each so two models use one core each); None: torch's default")
     kv_cache_tokens: int = Field(200_000, ge=1024, description="hf: tokens of KV kept for prefix reuse (LRU)")
+    process: bool = Field(False, description="in-process runs: this model's worker in a child process of its own, "
+                                             "so two models' engines do not share one GIL (a Ray actor is one already)")
     fast_forward: bool = Field(True, description="hf: the lean forward for Llama/Qwen2 models (workers.hf_fast_forward); "
                                                  "false: transformers' own forward")
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)

@@ -76,7 +76,7 @@ class Orchestrator:
                 info = await worker.info()
                 tok = AutoTokenizer.from_pretrained(self.config.models[role].resolved_path())
                 models[role] = ModelHandle(role, worker, tok, info.eos_token_id, info.vocab_fingerprint,
-                                           info.context_length)
+                                           info.context_length, info.process)
             try:
                 self.policy.check(models)
                 if self.config.online.enabled:  # refuses a policy or a draft worker it cannot adapt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from orchestrator.config import ModelConfig, RunConfig, resolve_model_path
@@ -39,7 +40,13 @@ async def start_workers(config: RunConfig, roles: tuple[str, ...]) -> dict[str, 
     workers: dict[str, Any] = {}
     try:
         for role in roles:
-            workers[role] = create_local_worker(config.models[role])
+            cfg = config.models[role]
+            if cfg.process:
+                from workers.process_worker import ProcessWorker
+
+                workers[role] = ProcessWorker(partial(create_local_worker, cfg), name=f"{role} model {cfg.path}")
+            else:
+                workers[role] = create_local_worker(cfg)
     except BaseException:
         for w in workers.values():
             await w.close()

@@ -120,6 +120,7 @@ class ModelHandle:
     eos_token_id: int | None = None
     vocab_fingerprint: str = ""
     context_length: int | None = None  # tokens the model attends to (None: unchecked)
+    process: int | None = None  # where its engine's Python runs, if in a process it may share (``WorkerInfo``)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []

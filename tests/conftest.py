@@ -46,10 +46,18 @@ def arith_model(name: str) -> str:
 
 
 def start_worker(backend: str, name: str):
+    """``backend``: hf, vllm, or hf-process (an hf engine in a child process, ``workers.process_worker``)."""
     if backend == "hf":
         from workers.hf_backend import HFWorker
 
         return HFWorker(arith_model(name))
+    if backend == "hf-process":
+        from functools import partial
+
+        from workers.hf_backend import HFWorker
+        from workers.process_worker import ProcessWorker
+
+        return ProcessWorker(partial(HFWorker, arith_model(name)), name=f"{name} model")
     from workers.vllm_backend import VLLMWorker
 
     return VLLMWorker.create(arith_model(name), engine_args={"enforce_eager": True})
@@ -70,7 +78,7 @@ async def engines():
         await w.close()
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session", params=["hf", "vllm"])
+@pytest_asyncio.fixture(scope="session", loop_scope="session", params=["hf", "vllm", "hf-process"])
 async def small_worker(request, engines):
-    """The arith small model behind each backend."""
+    """The arith small model behind each backend (and the hf one in a process of its own)."""
     return engines(request.param, "small")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import queue
 import threading
 import time
@@ -368,6 +369,7 @@ class HFWorker:
             vocab_fingerprint=vocab_fingerprint(self.tokenizer),
             context_length=self.context_length,
             eos_token_id=min(self.eos_ids) if self.eos_ids else None,
+            process=os.getpid(),
         )
 
     async def stats(self) -> WorkerStats:

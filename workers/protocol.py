@@ -142,6 +142,9 @@ class WorkerInfo(_Msg):
     vocab_fingerprint: str
     context_length: int
     eos_token_id: int | None = None
+    #: the OS process whose Python runs this model's engine, where it is one the orchestrator may share
+    #: (an in-process hf engine: the orchestrator's own); None: a process of the engine's own (vLLM's engine core)
+    process: int | None = None
 
 
 class WorkerStats(_Msg):
