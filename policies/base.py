@@ -8,6 +8,7 @@ meters every call and records every decision in the trace).
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -45,3 +46,24 @@ class Policy:
 
     async def run(self, session: Session) -> None:
         raise NotImplementedError
+
+
+def discard(call: asyncio.Future) -> None:
+    """Drop a model call nobody will read (a draft made ahead); one that already failed (no room left in the
+    context) has its exception read, so that asyncio does not log it as never retrieved."""
+    if not call.cancel() and not call.cancelled():
+        call.exception()
+
+
+def engines_apart(session: Session, *roles: str) -> bool:
+    """Whether these roles' engines can work at the same time: no two of them run in one process.
+
+    Two engines in one process take turns on its GIL, so overlapping their calls
+    (a draft made while another model verifies or judges) only slows each down:
+    measured on the arith pair in-process (hf, one core each), a verification beside
+    a draft took twice as long and both pipelines lost 8-25%; in processes of their own
+    (``models.<role>.process``, Ray actors, vLLM's engine core) both cores work at once.
+    """
+    hosts = [session.models[r].process for r in roles]
+    known = [h for h in hosts if h is not None]
+    return len(set(known)) == len(known)

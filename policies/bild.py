@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from policies.token_level import DraftVerifyParams, DraftVerifyPolicy, cut, reject_draft, top_probability
+from policies.token_level import DraftVerifyPolicy, SerialDraftParams, cut, reject_draft, top_probability
 from workers.protocol import Generation
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
 
 
-class BiLDParams(DraftVerifyParams):
+class BiLDParams(SerialDraftParams):
     type: Literal["bild"] = "bild"
     draft_tokens: int = Field(10, ge=1, le=64, description="most small tokens in a row (num_small_iters)")
     fallback_threshold: float = Field(0.6, ge=0, le=1, description="small top-1 probability below this: fall back")

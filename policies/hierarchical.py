@@ -31,10 +31,10 @@ from typing import Literal
 from pydantic import Field
 
 from policies.levels import ChainPolicy, Level, Lossless
-from policies.token_level import DraftVerifyParams
+from policies.token_level import SerialDraftParams
 
 
-class HierarchicalParams(DraftVerifyParams):
+class HierarchicalParams(SerialDraftParams):
     type: Literal["hierarchical"] = "hierarchical"
     draft_tokens: int = Field(3, ge=1, le=64, description="small tokens per draft call (T_0)")
     mid_tokens: int = Field(6, ge=1, le=128, description="tokens the mid model holds before the large one verifies (T_1)")

@@ -52,14 +52,14 @@ from pydantic import Field
 
 from policies.levels import Block, BlockDraftPolicy, eos_ids
 from policies.speculative import recursive_accept, row_probs
-from policies.token_level import DraftVerifyParams
+from policies.token_level import SerialDraftParams
 from workers.protocol import joined
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
 
 
-class MultiCandidateParams(DraftVerifyParams):
+class MultiCandidateParams(SerialDraftParams):
     type: Literal["multi-candidate"] = "multi-candidate"
     candidates: int = Field(2, ge=1, le=16, description="drafts per round (k)")
     replacement: bool = Field(True, description="i.i.d. drafts (MCSD with replacement) or distinct first tokens")

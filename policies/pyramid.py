@@ -57,14 +57,14 @@ from pydantic import Field, model_validator
 
 from policies.divergences import Divergence, divergence
 from policies.levels import Block, ChainPolicy, Level, Lossless
-from policies.token_level import DraftVerifyParams
+from policies.token_level import SerialDraftParams
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
     from workers.protocol import Scores
 
 
-class PyramidParams(DraftVerifyParams):
+class PyramidParams(SerialDraftParams):
     type: Literal["pyramid"] = "pyramid"
     variant: Literal["F", "A"] = Field("F", description="F: fuzzy at both stages; A: lossless at the qualifier")
     draft_tokens: int = Field(4, ge=1, le=64, description="draft tokens per call (l_D)")

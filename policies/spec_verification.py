@@ -57,14 +57,14 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from policies.speculative import SpeculativeDecoding
-from policies.token_level import DraftVerifyParams, cut, reject_draft, top_probability
+from policies.token_level import SerialDraftParams, cut, reject_draft, top_probability
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
     from workers.protocol import Generation
 
 
-class SpecVerificationParams(DraftVerifyParams):
+class SpecVerificationParams(SerialDraftParams):
     type: Literal["spec-verification"] = "spec-verification"
     draft_tokens: int = Field(8, ge=1, le=64, description="tokens drafted per round (the most that are verified)")
     companion: Literal["none", "mid"] = Field("none", description="mid: a companion model gives S and A")

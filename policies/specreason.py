@@ -28,8 +28,9 @@ reference's chat API would open a new turn).
 Beyond the paper (its "future work"), ``pipeline``: while the large model judges
 step k, the small model already drafts step k+1 as if k were accepted, within the
 budget left after k; the draft is discarded when k is rejected. With the two models
-on separate devices the judge leaves the critical path. Greedy outputs, budget
-included, are identical either way.
+on separate devices the judge leaves the critical path; by default it runs when the
+two engines can work at once (``policies.base.engines_apart``). Greedy outputs,
+budget included, are identical either way.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from policies.base import Policy, PolicyParams
+from policies.base import Policy, PolicyParams, discard, engines_apart
 from policies.judge_prompt import DEFAULT_INSTRUCTION, DEFAULT_PREFILL, judge_suffix_ids
 
 if TYPE_CHECKING:
@@ -58,7 +59,9 @@ class SpecReasonParams(PolicyParams):
     max_step_tokens: int = Field(512, ge=1)
     first_n_large: int = Field(0, ge=0)
     delimiter: str = "\n\n"
-    pipeline: bool = Field(True, description="draft the next small step while the current one is judged")
+    pipeline: bool | None = Field(None, description="draft the next small step while the current one is judged; "
+                                                  "None: when the two engines can work at once "
+                                                  "(policies.base.engines_apart)")
     judge_instruction: str = DEFAULT_INSTRUCTION
     judge_prefill: str = DEFAULT_PREFILL
     answer_markers: list[str] = Field(["boxed", "Answer:", "ANSWER:"], description="a step with one ends the request")
@@ -130,6 +133,7 @@ class SpecReason(Policy):
 
     async def run(self, session: Session) -> None:
         p = self.params
+        pipelined = engines_apart(session, "small", "large") if p.pipeline is None else p.pipeline
         previous = None
         n_steps = 0
         ahead: asyncio.Future | None = None  # the small model's next step, drafted while this one is judged
@@ -143,7 +147,7 @@ class SpecReason(Policy):
                     g = await ahead if ahead is not None else await self._step(session, "small")
                     ahead = None
                     judging = asyncio.ensure_future(self.judge(session, g))
-                    if p.pipeline:
+                    if pipelined:
                         ahead = self._draft_ahead(session, g)
                     score = await judging
                     if score >= p.threshold:
@@ -152,7 +156,7 @@ class SpecReason(Policy):
                         session.tally(proposed=1, handoffs=1)
                         session.reject("small", g.text, len(g.token_ids), score=score)
                         if ahead is not None:  # drafted on a rejected step: worthless
-                            _discard(ahead)
+                            discard(ahead)
                             ahead = None
                         author, score = "large", None
                         g = await self._step(session, "large")
@@ -168,11 +172,5 @@ class SpecReason(Policy):
                 previous = step
         finally:
             if ahead is not None:
-                _discard(ahead)
+                discard(ahead)
 
-
-def _discard(draft: asyncio.Future) -> None:
-    """Drop a draft nobody will read; one that already failed (no room left in the context) has
-    its exception read, so that asyncio does not log it as never retrieved."""
-    if not draft.cancel() and not draft.cancelled():
-        draft.exception()

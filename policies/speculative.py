@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -187,10 +187,9 @@ class SpeculativeDecoding(DraftVerifyPolicy):
     name = "speculative"
     params: SpeculativeParams
 
-    async def draft(self, session: Session, ids: Sequence[int]) -> Generation:
+    def draft_reads(self, session: Session) -> dict[str, Any]:
         """Under sampling the draft carries q at each of its tokens, as drawn (``GenParams.sample_logprobs``)."""
-        return await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left),
-                                      sample_logprobs=not session.params.greedy)
+        return {"sample_logprobs": not session.params.greedy}
 
     async def verify(self, session: Session, ids: Sequence[int], draft: Generation) -> tuple[int, int | None]:
         """Greedy: the large model's argmax, read in the worker. Sampling: p and q at a few tokens each.

@@ -3,18 +3,22 @@
 The small model drafts up to ``draft_tokens`` tokens, the large model checks them
 in one scoring pass, and a policy-specific rule decides how many to keep and
 which large-model token follows. Working in token ids (not text) needs one shared
-vocabulary, checked at start-up.
+vocabulary, checked at start-up. Where the two engines can work at once, rounds
+overlap: the small model drafts the next round while the large one verifies this
+one (``DraftVerifyPolicy.draft_ahead``); the text is the same either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from policies.base import Policy, PolicyParams
+from policies.base import Policy, PolicyParams, discard, engines_apart
+from workers.protocol import joined
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -23,6 +27,16 @@ if TYPE_CHECKING:
 
 class DraftVerifyParams(PolicyParams):
     draft_tokens: int = Field(8, ge=1, le=64)
+    pipeline: bool | None = Field(None, description="draft the next round while this one is verified (see "
+                                                  "DraftVerifyPolicy.run); None: when the two engines can work at once "
+                                                  "(policies.base.engines_apart)")
+
+
+class SerialDraftParams(DraftVerifyParams):
+    """For policies whose drafting has effects of its own (cuts it records, several models, several drafts):
+    a draft made ahead and thrown away would leave them behind, so rounds run one after another."""
+
+    pipeline: Literal[False] = Field(False, description="this policy drafts round by round")
 
 
 def cut(session: Session, draft: Generation, n: int) -> Generation:
@@ -34,6 +48,15 @@ def cut(session: Session, draft: Generation, n: int) -> Generation:
         "finish_reason": "length", "stop_reason": None,
         "logprobs": draft.logprobs[:n] if draft.logprobs is not None else None,
         "sample_logprobs": draft.sample_logprobs[:n] if draft.sample_logprobs is not None else None,
+    })
+
+
+def without_first(session: Session, draft: Generation) -> Generation:
+    """``draft`` less its first token (a draft made ahead whose first token the large model wrote itself)."""
+    return draft.model_copy(update={
+        "token_ids": draft.token_ids[1:], "text": session.models["small"].decode(draft.token_ids[1:]),
+        "logprobs": draft.logprobs[1:] if draft.logprobs is not None else None,
+        "sample_logprobs": draft.sample_logprobs[1:] if draft.sample_logprobs is not None else None,
     })
 
 
@@ -72,7 +95,12 @@ class DraftVerifyPolicy(Policy):
         Verification's predicted acceptance) override this to ask for logprobs and cut
         the draft (``cut``) before it is verified; only what is returned counts as proposed.
         """
-        return await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left))
+        return await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left),
+                                      **self.draft_reads(session))
+
+    def draft_reads(self, session: Session) -> dict[str, Any]:
+        """What a draft call reads besides its tokens (lossless sampling: q at each drawn token)."""
+        return {}
 
     async def round(self, session: Session, ids: Sequence[int]) -> tuple[Generation, int, int | None]:
         """One round: (the proposal, how many of its tokens are kept, the large model's next token or None).
@@ -93,13 +121,67 @@ class DraftVerifyPolicy(Policy):
         if n_keep:
             session.accept_tokens("small", draft.token_ids[:n_keep])
 
+    def draft_ahead(self, session: Session, ids: Sequence[int], draft: Generation) -> asyncio.Future | None:
+        """Start the next round's draft as if the large model keeps all of ``draft``, while it verifies it.
+
+        It drafts one token more than a round: its first token is the small model's guess
+        at the large model's next token. When the large model does keep the whole draft and
+        its next token is that guess, the rest is exactly the draft the next round would
+        make (the same context, drawn from the same q), so that round verifies at once:
+        the small model drafts while the large one verifies, as in parallel speculative
+        decoding, instead of both waiting in turn. Otherwise the draft is dropped (the small
+        model would have sat idle meanwhile). None when keeping ``draft`` ends the request.
+        """
+        room = session.budget_left - len(draft.token_ids)  # the large model's next token takes one of these
+        if draft.finish_reason == "eos" or room < 2:
+            return None
+        return asyncio.ensure_future(session.generate(
+            "small", ids=joined(ids, draft.token_ids), max_tokens=min(self.params.draft_tokens + 1, room),
+            **self.draft_reads(session)))
+
+    def pipelined(self, session: Session) -> bool:
+        """Whether rounds overlap: ``pipeline``, by default when the two engines can work at once."""
+        p = self.params.pipeline
+        return engines_apart(session, "small", "large") if p is None else p
+
     async def run(self, session: Session) -> None:
-        while not session.finished and not session.out_of_budget:
-            ids = session.log("large")  # one shared vocabulary: the small model drafts on the same ids
-            draft, n_keep, nxt = await self.round(session, ids)
-            session.tally(proposed=len(draft.token_ids), accepted=n_keep)
-            self.accept_draft(session, draft, n_keep)
-            if nxt is not None and not session.finished and not session.out_of_budget:  # never past the budget
-                session.tally(handoffs=int(n_keep < len(draft.token_ids)))
-                session.accept_tokens("large", [nxt], scored=True,  # written through a scoring pass
-                                      replaces_draft=n_keep < len(draft.token_ids))
+        """Rounds until EOS or the budget; pipelined (``pipelined``), each round's draft is made during the
+        previous round's verification when it can be (``draft_ahead``)."""
+        pipelined = self.pipelined(session)
+        ready: Generation | None = None  # this round's draft, made ahead
+        ahead: asyncio.Future | None = None
+        try:
+            while not session.finished and not session.out_of_budget:
+                ids = session.log("large")  # one shared vocabulary: the small model drafts on the same ids
+                if pipelined:
+                    draft = ready if ready is not None else await self.draft(session, ids)
+                    verifying = asyncio.ensure_future(self.verify(session, ids, draft))
+                    ahead = self.draft_ahead(session, ids, draft)
+                    n_keep, nxt = await verifying
+                else:
+                    draft, n_keep, nxt = await self.round(session, ids)
+                session.tally(proposed=len(draft.token_ids), accepted=n_keep)
+                self.accept_draft(session, draft, n_keep)
+                if nxt is not None and not session.finished and not session.out_of_budget:  # never past the budget
+                    session.tally(handoffs=int(n_keep < len(draft.token_ids)))
+                    session.accept_tokens("large", [nxt], scored=True,  # written through a scoring pass
+                                          replaces_draft=n_keep < len(draft.token_ids))
+                ready = None
+                if ahead is not None:
+                    kept_all = n_keep == len(draft.token_ids) and nxt is not None
+                    if kept_all and not session.finished and not session.out_of_budget:
+                        ready = await _made_ahead(session, ahead, nxt)
+                    discard(ahead)  # done with, or not needed
+                    ahead = None
+        finally:
+            if ahead is not None:
+                discard(ahead)
+
+
+async def _made_ahead(session: Session, ahead: asyncio.Future, nxt: int) -> Generation | None:
+    """The draft made ahead, after its first token, if that was the large model's next token ``nxt``."""
+    try:
+        g = await ahead
+    except Exception:  # noqa: BLE001 -- e.g. no room left in the context: the next round's own draft says so
+        return None
+    return without_first(session, g) if len(g.token_ids) > 1 and g.token_ids[0] == nxt else None

@@ -1,0 +1,127 @@
+"""Token-level rounds pipelined: the next draft is made while the large model verifies (``DraftVerifyPolicy.run``).
+
+Scripted workers whose texts are known exactly; the same policies run pipelined on
+the real arith models in ``test_policies_real.py`` and ``test_seed_policies_lossless.py``
+(lossless sampling through drafts made ahead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from policies import build_policy
+from policies.bild import BiLDParams
+from policies.consultant import ConsultantParams
+from policies.multi_candidate import MultiCandidateParams
+from policies.speculative import SpeculativeParams
+from tests.scripted import ChoiceWorker, document, make_session
+
+LARGE_DOC = "the sum 12 + 30 is 42; then 42 - 2 is 40, and 40 + 1 is 41. " * 3
+SMALL_DOC = LARGE_DOC.replace("42 - 2", "42 - 3").replace("is 41", "is 44")  # wrong in places: rejected drafts
+
+
+class Logged:
+    """A worker whose calls go into a shared timeline as (role, "start" | "end", call name).
+
+    Each call yields to the event loop before it is served, so calls started together
+    are in flight together (as on real workers) and the timeline shows what overlapped.
+    """
+
+    def __init__(self, role: str, worker, timeline: list[tuple[str, str, str]]):
+        self.role, self.worker, self.timeline = role, worker, timeline
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.worker, name)
+        if name not in ("generate", "score"):
+            return attr
+
+        async def call(*args, **kwargs):
+            self.timeline.append((self.role, "start", name))
+            await asyncio.sleep(0)
+            out = await attr(*args, **kwargs)
+            self.timeline.append((self.role, "end", name))
+            return out
+
+        return call
+
+
+async def run(params, timeline: list) -> object:
+    small = Logged("small", ChoiceWorker(document(SMALL_DOC, strict=False)), timeline)
+    large = Logged("large", ChoiceWorker(document(LARGE_DOC, strict=False)), timeline)
+    s = make_session(small, large, max_tokens=400)
+    pol = build_policy(params)
+    pol.check(s.models)
+    await pol.run(s)
+    return s.result(pol.name)
+
+
+def rounds_without_a_draft_call(timeline: list[tuple[str, str, str]]) -> int:
+    """Rounds whose verification started with no small-model call started since the previous one ended."""
+    n, since = 0, None  # small calls started since the last verification ended (None: before the first)
+    for role, event, _ in timeline:
+        if role == "large" and event == "start":
+            n += since == 0
+        elif role == "large" and event == "end":
+            since = 0
+        elif role == "small" and event == "start" and since is not None:
+            since += 1
+    return n
+
+
+def overlaps(timeline: list[tuple[str, str, str]]) -> int:
+    """Small-model calls started while a large-model call was in flight."""
+    n, large_busy = 0, 0
+    for role, event, _ in timeline:
+        if role == "large":
+            large_busy += 1 if event == "start" else -1
+        elif event == "start" and large_busy:
+            n += 1
+    return n
+
+
+@pytest.mark.parametrize("make", [lambda **kw: ConsultantParams(draft_tokens=4, **kw),
+                                  lambda **kw: SpeculativeParams(draft_tokens=4, **kw)])
+async def test_a_pipelined_run_writes_the_serial_text_with_drafts_made_during_verification(make):
+    serial_log, pipe_log = [], []
+    serial = await run(make(pipeline=False), serial_log)
+    pipe = await run(make(), pipe_log)
+    assert pipe.text == serial.text and LARGE_DOC.startswith(serial.text[:40])
+    assert "42 - 3" not in pipe.text  # the small model's wrong tokens were turned down
+    m, n = pipe.metrics, serial.metrics
+    assert (m.proposed, m.accepted, m.handoffs) == (n.proposed, n.accepted, n.handoffs)  # the same rounds
+    assert m.accepted_tokens == n.accepted_tokens and m.calls["large"] == n.calls["large"]
+    # serially the small model waits for every verification; pipelined it drafts meanwhile ...
+    assert overlaps(serial_log) == 0 and overlaps(pipe_log) >= m.calls["large"] - 1
+    # ... and most rounds (the small model was right all through) verify at once, no draft call between
+    assert rounds_without_a_draft_call(serial_log) == 0
+    assert rounds_without_a_draft_call(pipe_log) >= m.calls["large"] // 2
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []  # no draft left running
+
+
+async def test_a_draft_made_ahead_never_passes_the_budget():
+    for budget in range(1, 12):
+        small, large = ChoiceWorker(document(LARGE_DOC)), ChoiceWorker(document(LARGE_DOC))
+        s = make_session(small, large, max_tokens=budget)
+        await build_policy(ConsultantParams(draft_tokens=4)).run(s)
+        assert s.accepted_tokens == budget and s.result("consultant").text == LARGE_DOC[:budget]
+        assert all(c[1][1] <= budget for c in small.calls if c[0] == "generate")  # max_tokens of every draft
+
+
+@pytest.mark.parametrize("params", [BiLDParams, MultiCandidateParams])
+def test_policies_whose_drafts_act_on_their_own_refuse_pipelining(params):
+    assert params().pipeline is False
+    with pytest.raises(ValidationError, match="pipeline"):
+        params(pipeline=True)
+
+
+@pytest.mark.parametrize(("hosts", "apart"), [((None, None), True), ((7, 8), True), ((7, 7), False), ((7, None), True)])
+def test_rounds_overlap_by_default_only_when_the_engines_can_work_at_once(hosts, apart):
+    """Two engines in one process (an in-process hf pair) take turns on its GIL: overlapping them only costs."""
+    s = make_session(ChoiceWorker(document(LARGE_DOC)), ChoiceWorker(document(LARGE_DOC)))
+    s.models["small"].process, s.models["large"].process = hosts
+    assert build_policy(ConsultantParams()).pipelined(s) is apart
+    assert build_policy(ConsultantParams(pipeline=True)).pipelined(s) is True
+    assert build_policy(ConsultantParams(pipeline=False)).pipelined(s) is False
