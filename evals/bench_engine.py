@@ -5,6 +5,12 @@
 2. Batching: LargeOnly on 32 arith problems at concurrency 32 against concurrency 1
    (problems/s; target: at least 4x).
 3. Per-token decode time of the small and the large model (the pair's speed gap).
+4. Per-call engine overhead against context length: sequential 8-token verification
+   (score) and generation calls extending one chain of 1k to 32k tokens, on a randomly
+   initialised 2-layer model with a 131k vocabulary (tekken), so the model's own time is
+   small; reported is each call's wall time outside the forward passes (prefix-cache
+   lookup and insertion, id conversion, stacking, the engine thread's hand-offs), which
+   should not grow with the context.
 
 Ratios are taken within one run on one machine; absolute numbers depend on load.
 """
@@ -14,7 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
+
+from transformers import AutoTokenizer
 
 from evals.datasets import load_dataset
 from orchestrator.config import load_config
@@ -84,6 +93,39 @@ async def decode_speed(tokens: int = 64) -> dict:
     return out
 
 
+async def call_overhead(contexts: tuple[int, ...] = (1024, 8192, 32768), calls: int = 30, step: int = 8) -> dict:
+    import random
+
+    from evals.bench_scale import random_model_folder, tekken_folder
+    from workers.protocol import token_ids
+
+    folder = random_model_folder(AutoTokenizer.from_pretrained(tekken_folder()))
+    rng = random.Random(0)
+    out = {}
+    for n in contexts:
+        w = HFWorker(str(folder), kv_cache_tokens=4 * max(contexts))
+        try:
+            vocab = len(w.tokenizer)
+            chain = token_ids(rng.randrange(1000, vocab) for _ in range(n + 2 * calls * step))
+            await w.generate(chain[:n], GenParams(max_tokens=1))  # the context is cached, as in a running session
+            for kind in ("score", "generate"):
+                spent = []
+                for i in range(calls):
+                    at = n + i * step
+                    forward = w._stats.forward_s
+                    t = time.perf_counter()
+                    if kind == "score":
+                        await w.score(chain[:at], chain[at : at + step].tolist())
+                    else:
+                        await w.generate(chain[:at], GenParams(max_tokens=step, temperature=1.0, seed=i))
+                    spent.append(time.perf_counter() - t - (w._stats.forward_s - forward))
+                out[f"{kind}_{n}_outside_model_ms"] = statistics.median(spent) * 1000
+            out[f"cache_entries_{n}"] = len(w.cache)
+        finally:
+            await w.close()
+    return out
+
+
 async def main(which: list[str]) -> None:
     results = {}
     if "decode" in which:
@@ -92,10 +134,13 @@ async def main(which: list[str]) -> None:
         results["kv_reuse"] = await kv_reuse(load_config("arith/large-only").models["large"].resolved_path())
     if "batching" in which:
         results["batching"] = await batching()
+    if "overhead" in which:
+        results["call_overhead"] = await call_overhead()
     print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", default=["decode", "kv", "batching"], choices=["decode", "kv", "batching"])
+    ap.add_argument("--only", nargs="+", default=["decode", "kv", "batching", "overhead"],
+                    choices=["decode", "kv", "batching", "overhead"])
     asyncio.run(main(ap.parse_args().only))

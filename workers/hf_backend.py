@@ -37,17 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.hf_fast_forward import FastForward
-from workers.prefix_cache import KV, PrefixCache
+from workers.prefix_cache import KV, PrefixCache, as_ids
 from workers.sampling import check_sample_reads, fill_sample_reads, sampling_probs
 from workers.timing import BusyClock, CallClock, PhaseClock
 from workers.protocol import (
     CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
-    id_list, vocab_fingerprint,
+    vocab_fingerprint,
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,7 +178,7 @@ def unstack_kv(cache: Cache, mask: torch.Tensor, rows: list[int] | None = None) 
 @dataclass(eq=False)
 class _Request:
     kind: Literal["generate", "score", "next", "swap"]
-    ids: list[int]
+    ids: np.ndarray  # int64: the prompt (a score's prefix, then its continuation)
     future: asyncio.Future | None
     loop: asyncio.AbstractEventLoop | None
     params: GenParams | None = None
@@ -326,7 +327,7 @@ class HFWorker:
                               f"context of {self.context_length} tokens")
         if params.max_tokens > room:  # stop at the end of the context ("length"), as vLLM does
             params = params.model_copy(update={"max_tokens": room})
-        req = await self._submit(_Request("generate", id_list(prompt_ids), *self._future(), params=params))
+        req = await self._submit(_Request("generate", as_ids(prompt_ids), *self._future(), params=params))
         return req
 
     async def score(
@@ -346,7 +347,7 @@ class HFWorker:
         self._check_fits(len(prefix_ids) + len(continuation_ids), "score")
         check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.tokenizer))
         req = _Request(
-            "score", id_list(prefix_ids) + list(continuation_ids), *self._future(), n_prefix=len(prefix_ids),
+            "score", np.concatenate([as_ids(prefix_ids), as_ids(continuation_ids)]), *self._future(), n_prefix=len(prefix_ids),
             top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next, sample=sample,
             draws=draws, row_candidates=candidates,
         )
@@ -356,7 +357,7 @@ class HFWorker:
         if not prefix_ids:
             raise WorkerError("next_token_logprobs needs a non-empty prefix")
         self._check_fits(len(prefix_ids), "next_token_logprobs")
-        req = _Request("next", id_list(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates),
+        req = _Request("next", as_ids(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates),
                        top_k=top_k)
         return await self._submit(req)
 
@@ -402,7 +403,7 @@ class HFWorker:
             raise WorkerError(f"swap_model: vocabulary {model.config.vocab_size} differs from the served model's "
                               f"{self.model.config.vocab_size}")
         model = model.to(self.device).eval()
-        return await self._submit(_Request("swap", [], *self._future(), payload=model))
+        return await self._submit(_Request("swap", as_ids([]), *self._future(), payload=model))
 
     async def close(self) -> None:
         """Stop the engine and fail what is pending, within about ``CLOSE_TIMEOUT_S`` whatever it is doing.
@@ -540,7 +541,7 @@ class HFWorker:
         positions = torch.zeros((B, N), dtype=torch.long)
         mask = torch.zeros((B, P + N), dtype=torch.long)
         for i, ((_, ids), p, n) in enumerate(zip(rows, pasts, news)):
-            input_ids[i, N - n :] = torch.tensor(ids)
+            input_ids[i, N - n :] = torch.from_numpy(ids)
             positions[i, N - n :] = torch.arange(p, p + n)
             mask[i, P - p : P] = 1
             mask[i, P + N - n :] = 1
@@ -594,7 +595,7 @@ class HFWorker:
         for r, lg, kv in zip(reqs, logits, kvs):
             r.kv = kv
             r.forward_passes += 1
-            self.cache.put(r.ids, kv, replaces=r.source)
+            r.source = self.cache.put(r.ids, kv, replaces=r.source)  # what _finish's entry replaces
             r.clock.prefill_s += time.perf_counter() - t0  # the batch's pass and bookkeeping up to this row's answer
             if r.kind == "next":
                 lp = torch.log_softmax(lg[-1].float(), -1)
@@ -638,7 +639,7 @@ class HFWorker:
 
     def _scores(self, r: _Request, lg: torch.Tensor) -> Scores:
         # lg holds the rows from the last prefix token on: lg[j] predicts continuation token j
-        cont = torch.tensor(r.ids[r.n_prefix :], dtype=torch.long, device=lg.device)
+        cont = torch.from_numpy(r.ids[r.n_prefix :]).to(lg.device)
         lp = torch.log_softmax(lg[: len(cont)], -1)
         out = Scores(
             logprobs=lp.gather(1, cont[:, None])[:, 0].tolist() if len(cont) else [],
@@ -836,7 +837,7 @@ class HFWorker:
                 active = self._decode_round(active)
 
     def _finish(self, r: _Request) -> None:
-        covered = r.ids + r.generated[:-1]  # the last sampled token has no KV yet
+        covered = np.concatenate([r.ids, as_ids(r.generated[:-1])])  # the last sampled token has no KV yet
         self.cache.put(covered, r.kv, replaces=r.source)
         r.kv = None
         reason, stop = r.finish

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from workers.prefix_cache import as_ids
 from workers.protocol import GenParams
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ class NgramProposer:
 class _Tokens:
     """A row's prompt and generated tokens in one growing numpy buffer."""
 
-    def __init__(self, prompt: list[int]):
+    def __init__(self, prompt: np.ndarray | list[int]):
         self.n_prompt = len(prompt)
         self.buf = np.empty(max(16, 2 * len(prompt)), dtype=np.int64)
         self.buf[: self.n_prompt] = prompt
@@ -102,7 +103,8 @@ class DraftProposer:
         for r in rows:
             k = min(self.k, r.params.max_tokens - len(r.generated) - 1)
             if k > 0:
-                reqs.append(_Request("generate", r.ids + r.generated, None, None, params=GenParams(max_tokens=k)))
+                reqs.append(_Request("generate", np.concatenate([r.ids, as_ids(r.generated)]), None, None,
+                                     params=GenParams(max_tokens=k)))
             else:
                 reqs.append(None)
         live = [q for q in reqs if q is not None]

@@ -4,12 +4,15 @@ An entry is the per-layer (key, value) tensors of one token sequence, batch 1.
 Lookups find the entry sharing the longest common prefix (LCP) with a new request
 through a hash chain over 16-token blocks (as vLLM's prefix cache does), then
 finish the match token by token inside the last block, so a lookup costs
-O(len/16) dict probes, not a scan of every entry. A hit is served by slicing
-(a view, no copy). An entry's tensors are the first positions of a cache
-buffer that may have room after them; a caller that writes on in that buffer
-from position n first drops the entries that reach past n (``drop_beyond``),
-so every entry's view keeps the KV of its own ids. Memory is bounded by a
-token budget with LRU eviction.
+O(len/16) dict probes, not a scan of every entry. Ids are numpy arrays and the
+chain hashes are computed vectorised (a random-weight polynomial hash, prefix sums
+taken at block ends), so a 32k-token lookup or insertion costs a few C-speed passes
+over the ids, not thousands of Python-level hashes; a hash never decides a match
+alone (the ids are compared). A hit is served by slicing (a view, no copy). An
+entry's tensors are the first positions of a cache buffer that may have room after
+them; a caller that writes on in that buffer from position n first drops the
+entries that reach past n (``drop_beyond``), so every entry's view keeps the KV of
+its own ids. Memory is bounded by a token budget with LRU eviction.
 """
 
 from __future__ import annotations
@@ -17,23 +20,46 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 BLOCK = 16
 
+#: One random odd 64-bit weight per position: the chain hash of a prefix is ``sum((id + 1) * weight)`` over
+#: its positions, modulo 2**64 (numpy's unsigned overflow). Grown on demand in fixed seeded chunks, so the
+#: weights of a position never depend on the order engines (threads) grew them in.
+_weights = np.empty(0, dtype=np.uint64)
+_CHUNK = 1 << 16
 
-def _block_hashes(ids: list[int] | tuple[int, ...]) -> list[int]:
-    out, h = [], 0
-    for b in range(len(ids) // BLOCK):
-        h = hash((h, tuple(ids[b * BLOCK : (b + 1) * BLOCK])))
-        out.append(h)
-    return out
+
+def _position_weights(n: int) -> np.ndarray:
+    global _weights
+    w = _weights
+    if n > len(w):
+        more = [np.random.default_rng(c).integers(0, np.iinfo(np.uint64).max, _CHUNK, dtype=np.uint64,
+                                                  endpoint=True) | np.uint64(1)
+                for c in range(len(w) // _CHUNK, -(-n // _CHUNK))]
+        w = _weights = np.concatenate([w, *more])
+    return w[:n]
+
+
+def _block_hashes(ids: np.ndarray) -> list[int]:
+    """The chain hash of each whole 16-token block prefix of ``ids`` (block b: its first (b + 1) x 16 ids)."""
+    n = len(ids) // BLOCK * BLOCK
+    terms = (ids[:n].astype(np.uint64) + np.uint64(1)) * _position_weights(n)
+    return terms.reshape(-1, BLOCK).sum(1, dtype=np.uint64).cumsum(dtype=np.uint64).tolist()
+
+
+def as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
+    """``ids`` as the cache's key type: a 1-D int64 numpy array (no copy when it is one)."""
+    return np.asarray(ids, dtype=np.int64)
 
 
 @dataclass
 class _Entry:
-    ids: tuple[int, ...]
+    ids: np.ndarray
+    hashes: list[int]
     kv: KV
 
 
@@ -41,7 +67,7 @@ class PrefixCache:
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
-        self._index: dict[int, int] = {}  # block-chain hash -> entry id
+        self._index: dict[int, int] = {}  # block-chain hash -> entry id (possibly of a dropped entry)
         self._by_buffer: dict[int, set[int]] = {}  # address of an entry's first key tensor -> entry ids
         self._next_id = 0
         self.tokens = 0
@@ -49,8 +75,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, ids: list[int]) -> tuple[int, KV | None, int | None]:
+    def lookup(self, ids: np.ndarray) -> tuple[int, KV | None, int | None]:
         """(matched length, KV sliced to it, entry id) for the longest cached prefix of ``ids``."""
+        ids = as_ids(ids)
         hashes = _block_hashes(ids)
         for b in range(len(hashes) - 1, -1, -1):
             eid = self._index.get(hashes[b])
@@ -58,32 +85,38 @@ class PrefixCache:
             if entry is None:
                 continue
             n = (b + 1) * BLOCK
-            if tuple(ids[:n]) != entry.ids[:n]:  # hash collision guard
+            if not np.array_equal(ids[:n], entry.ids[:n]):  # hash collision guard
                 continue
             limit = min(len(ids), len(entry.ids))
-            while n < limit and ids[n] == entry.ids[n]:
-                n += 1
+            differ = np.flatnonzero(ids[n:limit] != entry.ids[n:limit])
+            n = n + int(differ[0]) if len(differ) else limit
             self._entries.move_to_end(eid)
             return n, [(k[:, :, :n], v[:, :, :n]) for k, v in entry.kv], eid
         return 0, None, None
 
-    def put(self, ids: list[int], kv: KV, replaces: int | None = None) -> None:
-        """Store the KV of ``ids``; drop ``replaces`` if it is a prefix of ``ids`` (now redundant)."""
+    def put(self, ids: np.ndarray, kv: KV, replaces: int | None = None) -> int | None:
+        """Store the KV of ``ids``; drop ``replaces`` if it is a prefix of ``ids`` (now redundant).
+
+        Returns the new entry's id (``None`` when ``ids`` is too short or too long to keep), which
+        a caller that extends the same sequence later passes as ``replaces``.
+        """
+        ids = as_ids(ids)
         if len(ids) < BLOCK or len(ids) > self.max_tokens:
-            return
+            return None
         if replaces is not None and replaces in self._entries:
             old = self._entries[replaces]
-            if len(old.ids) <= len(ids) and tuple(ids[: len(old.ids)]) == old.ids:
+            if len(old.ids) <= len(ids) and np.array_equal(ids[: len(old.ids)], old.ids):
                 self._drop(replaces)
         eid = self._next_id
         self._next_id += 1
-        self._entries[eid] = _Entry(tuple(ids), kv)
+        hashes = _block_hashes(ids)
+        self._entries[eid] = _Entry(ids, hashes, kv)
         self._by_buffer.setdefault(kv[0][0].data_ptr(), set()).add(eid)
         self.tokens += len(ids)
-        for h in _block_hashes(ids):
-            self._index[h] = eid
+        self._index.update(dict.fromkeys(hashes, eid))
         while self.tokens > self.max_tokens and self._entries:
             self._drop(next(iter(self._entries)))
+        return eid if eid in self._entries else None
 
     def drop_beyond(self, buffer: int, n: int) -> None:
         """Drop the entries in the KV buffer at address ``buffer`` that reach past position ``n``.
@@ -101,9 +134,16 @@ class PrefixCache:
         if not self._by_buffer[ptr]:
             del self._by_buffer[ptr]
         self.tokens -= len(entry.ids)
-        for h in _block_hashes(entry.ids):
-            if self._index.get(h) == eid:
-                del self._index[h]
+        # The index keeps the dropped entry's hashes (a lookup skips ids no longer cached): removing them one by
+        # one is a Python loop over the whole sequence, O(context) per call. It is rebuilt from the live entries
+        # when stale keys outnumber live ones, which costs C-speed dict updates, amortised over the drops.
+        if len(self._index) > 2 * self.tokens // BLOCK + 1024:
+            self._reindex()
+
+    def _reindex(self) -> None:
+        self._index = {}
+        for eid, entry in self._entries.items():  # least recently used first: the most recent wins a shared block
+            self._index.update(dict.fromkeys(entry.hashes, eid))
 
     def clear(self) -> None:
         self._entries.clear()

@@ -1,0 +1,80 @@
+"""The hf backend's prefix cache: matches are real common prefixes, chains keep one entry, the index stays bounded."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from workers.prefix_cache import BLOCK, PrefixCache
+
+
+def kv_of(ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A one-layer KV whose key at position i holds ids[i]: a hit's slice shows which ids it was computed for."""
+    keys = torch.tensor(ids, dtype=torch.float32).view(1, 1, -1, 1)
+    return [(keys, keys.clone())]
+
+
+def lcp(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_lookups_return_real_common_prefixes_and_find_the_longest_to_the_block() -> None:
+    """Random sequences sharing prefixes (a small vocabulary, branches of one another), put and looked up."""
+    rng = random.Random(0)
+    cache = PrefixCache(max_tokens=10**6)
+    stored: list[list[int]] = []
+    for _ in range(300):
+        base = rng.choice(stored) if stored and rng.random() < 0.8 else []
+        cut = rng.randint(0, len(base))
+        ids = base[:cut] + [rng.randrange(3) for _ in range(rng.randint(0, 70))]
+        n, kv, eid = cache.lookup(ids)
+        best = max((lcp(ids, s) for s in stored), default=0)
+        assert n <= best and n >= best // BLOCK * BLOCK  # only puts so far: every block is indexed
+        if kv is not None:
+            assert kv[0][0].flatten().tolist() == ids[:n]  # the KV of these very ids
+        if len(ids) >= BLOCK:
+            stored.append(ids)
+            cache.put(ids, kv_of(ids))
+    assert len(cache) == len(stored)
+
+
+def test_an_entry_extended_by_its_chain_is_replaced_and_dropped_entries_leave_the_index() -> None:
+    cache = PrefixCache(max_tokens=10**6)
+    chain = list(range(1000, 1000 + 40 * 64))
+    source = None
+    for end in range(64, len(chain) + 1, 64):  # each call extends the last
+        n, _, hit = cache.lookup(chain[:end])
+        assert hit == source and n == end - 64 if source is not None else n == 0
+        source = cache.put(chain[:end], kv_of(chain[:end]), replaces=source)
+    assert len(cache) == 1 and cache.tokens == len(chain)
+    # dropping entries (a buffer taken over) leaves stale index keys behind, rebuilt once they outnumber live ones
+    for i in range(200):
+        ids = [7, i] + chain[: 16 * 40]
+        eid = cache.put(ids, kv_of(ids))
+        cache.drop_beyond(cache._entries[eid].kv[0][0].data_ptr(), 0)
+    assert len(cache) == 1 and len(cache._index) <= 2 * cache.tokens // BLOCK + 1024
+    assert cache.lookup(chain)[0] == len(chain)
+
+
+async def test_a_generation_leaves_one_cache_entry_for_its_chain() -> None:
+    """A generation stored its prompt's KV at prefill and prompt + output when it finished, and the first
+    entry stayed: a chain of calls kept one redundant entry per call (31 for 30 calls of 8 tokens at 1k-32k
+    tokens of context), charged in full to the token budget, so long chains were evicted early."""
+    from orchestrator.prompting import prompt_ids, to_messages
+    from tests.conftest import arith_model
+    from workers.hf_backend import HFWorker
+    from workers.protocol import GenParams
+
+    worker = HFWorker(arith_model("arith2/small"))
+    try:
+        ids = list(prompt_ids(worker.tokenizer, to_messages("53 + 51 - 6 + 20 - 99")))
+        for _ in range(4):  # the next call goes on from what the last one wrote
+            ids = ids + (await worker.generate(ids, GenParams(max_tokens=12))).token_ids
+            assert len(worker.cache) == 1 and worker.cache.tokens == len(ids) - 1  # the last token has no KV yet
+    finally:
+        await worker.close()
