@@ -49,6 +49,7 @@ from pydantic import Field
 from policies.speculative import SpeculativeDecoding, first_rejection, residual_at, row_probs, verifier_reads
 from policies.token_level import DraftVerifyParams, reject_draft
 from workers.protocol import joined
+from workers.sampling import draw
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -129,4 +130,4 @@ class EntropyAwareSD(SpeculativeDecoding):
         if (y := next((y for y in draws if y != x), None)) is not None:
             return y
         row = (await session.score("large", prefix, [], full_next=True)).next_logprobs
-        return int(torch.multinomial(without(row_probs([row], session.params)[0], x), 1, generator=rng))
+        return int(draw(without(row_probs([row], session.params)[0], x), 1, rng))

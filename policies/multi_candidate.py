@@ -54,6 +54,7 @@ from policies.levels import Block, BlockDraftPolicy, eos_ids
 from policies.speculative import recursive_accept, row_probs
 from policies.token_level import SerialDraftParams
 from workers.protocol import joined
+from workers.sampling import draw
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -78,7 +79,7 @@ def verify_tree(drafts: Sequence[Sequence[int]], ended: Sequence[bool], p: Seque
         longer = [i for i in alive if len(drafts[i]) > depth]
         if not longer:  # a leaf: the bonus token, unless the draft ended
             lead = alive[0]
-            return lead, depth, None if ended[lead] else int(torch.multinomial(p_next[lead], 1, generator=rng))
+            return lead, depth, None if ended[lead] else int(draw(p_next[lead], 1, rng))
         lead = longer[0]  # drafts in `longer` share the kept prefix, so their rows at `depth` are the same
         j, token = recursive_accept(p[lead][depth], q[lead][depth], [drafts[i][depth] for i in longer], rng,
                                     replacement)

@@ -33,7 +33,7 @@ import torch
 
 from policies.token_level import DraftVerifyParams, DraftVerifyPolicy
 from workers.protocol import joined
-from workers.sampling import sampling_probs
+from workers.sampling import draw, sampling_probs
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -70,7 +70,7 @@ def recursive_accept(p: torch.Tensor, q: torch.Tensor, candidates: Sequence[int]
             q = q.clone()
             q[x] = 0
             q = q / q.sum() if q.sum() > 0 else q
-    return None, int(torch.multinomial(p, 1, generator=rng))
+    return None, int(draw(p, 1, rng))
 
 
 def accept_reject(p: torch.Tensor, q: torch.Tensor, draft: list[int], p_next: torch.Tensor | None,
@@ -82,7 +82,7 @@ def accept_reject(p: torch.Tensor, q: torch.Tensor, draft: list[int], p_next: to
             return i, token
     if p_next is None:
         return len(draft), None
-    return len(draft), int(torch.multinomial(p_next, 1, generator=rng))
+    return len(draft), int(draw(p_next, 1, rng))
 
 
 def greedy_match(draft: Sequence[int], argmax: Sequence[int], ended: bool) -> tuple[int, int | None]:
@@ -179,7 +179,7 @@ async def residual_at(session: Session, verifier: str, drafter: str, prefix: Seq
     ps = await session.score(verifier, prefix, [], full_next=True)
     qs = await session.score(drafter, prefix, [], full_next=True)
     p, q = row_probs([ps.next_logprobs, qs.next_logprobs], session.params)
-    token = int(torch.multinomial(residual_probs(p, q), 1, generator=rng))
+    token = int(draw(residual_probs(p, q), 1, rng))
     return token, math.log(float(p[token]))
 
 

@@ -78,3 +78,19 @@ async def test_a_generation_leaves_one_cache_entry_for_its_chain() -> None:
             assert len(worker.cache) == 1 and worker.cache.tokens == len(ids) - 1  # the last token has no KV yet
     finally:
         await worker.close()
+
+
+def test_inverse_cdf_draws_follow_the_row_and_never_pick_a_zero() -> None:
+    from workers.sampling import draw
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.5, 0.0, 0.5]])
+    got = draw(probs, 40_000, g)
+    assert got.shape == (2, 40_000)
+    for row, p in zip(got, probs):
+        freq = torch.bincount(row, minlength=4).double() / row.numel()
+        assert freq.tolist() == pytest.approx(p.tolist(), abs=0.01)
+        assert bool((p[row] > 0).all())
+    big = torch.softmax(torch.randn(131_072, generator=g) * 4, -1)  # a vocabulary-sized row
+    tokens = draw(big, 20_000, g)
+    assert float(big[tokens].log().mean()) == pytest.approx(float((big * big.log()).sum()), abs=0.1)  # -entropy

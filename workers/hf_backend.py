@@ -44,7 +44,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.hf_fast_forward import FastForward
 from workers.prefix_cache import KV, PrefixCache, as_ids
-from workers.sampling import check_sample_reads, fill_sample_reads, sampling_probs
+from workers.sampling import check_sample_reads, draw, fill_sample_reads, sampling_probs
 from workers.timing import BusyClock, CallClock, PhaseClock
 from workers.protocol import (
     CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
@@ -681,7 +681,7 @@ class HFWorker:
         if p.greedy:
             return int(logits.argmax())
         probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p)
-        tok = int(torch.multinomial(probs, 1, generator=r.rng))
+        tok = int(draw(probs, 1, r.rng))
         if p.sample_logprobs:
             r.sample_logprobs.append(math.log(float(probs[tok])))
         return tok

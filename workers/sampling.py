@@ -30,6 +30,19 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     return probs
 
 
+def draw(probs: torch.Tensor, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` independent draws (with replacement) from each row of ``probs``: token ids of shape ``(*rows, n)``.
+
+    Inverse-CDF sampling: one uniform number per draw, located in the row's cumulative
+    sums (float64, so a 131k-entry row keeps its small probabilities). The distribution of
+    ``torch.multinomial(probs, n, replacement=True)``, whose CPU kernel costs ~3 ms per
+    131k-entry row here against ~0.2 ms for this; a token of probability 0 is never drawn.
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand((*cdf.shape[:-1], n), generator=generator, dtype=torch.float64, device=cdf.device)
+    return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+
+
 def token_logprobs(logp: torch.Tensor, tokens: Sequence[int]) -> list[float]:
     """``logp[i, tokens[i]]`` for each row i: the log-prob each row gives its own token."""
     index = torch.as_tensor(list(tokens), dtype=torch.long, device=logp.device)
@@ -75,11 +88,11 @@ def fill_sample_reads(scores: Scores, rows: torch.Tensor, continuation: Sequence
         return
     probs = sampling_probs(rows, sample.temperature, sample.top_k, sample.top_p)
     rng = torch.Generator(device=rows.device).manual_seed(sample.seed) if sample.seed is not None else None
-    scores.sampled = torch.multinomial(probs, 1, generator=rng)[:, 0].tolist()
+    scores.sampled = draw(probs, 1, rng)[:, 0].tolist()
     logp = probs.log()
     scores.sample_logprobs = token_logprobs(logp[: len(continuation)], continuation)
     if draws:
-        drawn = torch.multinomial(probs, draws, replacement=True, generator=rng)
+        drawn = draw(probs, draws, rng)
         scores.draws = drawn.tolist()
         scores.draw_logprobs = logp.gather(1, drawn).tolist()
     if candidates is not None:
