@@ -11,6 +11,10 @@
    small; reported is each call's wall time outside the forward passes (prefix-cache
    lookup and insertion, id conversion, stacking, the engine thread's hand-offs), which
    should not grow with the context.
+5. Hand-off cost of a worker in a process of its own (``process: true``): sequential
+   8-token score calls on the large arith model, in this process and in a child process,
+   each call's wall time minus the worker's own account of it (queue, prefill, decode):
+   what the thread and process hops add per call.
 
 Ratios are taken within one run on one machine; absolute numbers depend on load.
 """
@@ -28,7 +32,7 @@ from transformers import AutoTokenizer
 from evals.datasets import load_dataset
 from orchestrator.config import load_config
 from orchestrator.core import Orchestrator
-from workers.hf_backend import HFWorker
+from workers.hf_backend import HFWorker, load_tokenizer
 from workers.protocol import GenParams
 
 
@@ -126,6 +130,37 @@ async def call_overhead(contexts: tuple[int, ...] = (1024, 8192, 32768), calls: 
     return out
 
 
+async def handoff(calls: int = 200, step: int = 8) -> dict:
+    from functools import partial
+
+    from orchestrator.pool import create_local_worker
+    from orchestrator.prompting import prompt_ids, to_messages
+    from workers.process_worker import ProcessWorker
+
+    cfg = load_config("arith/large-only").models["large"]
+    out = {}
+    for where in ("in_process", "child_process"):
+        w = create_local_worker(cfg) if where == "in_process" else ProcessWorker(partial(create_local_worker, cfg),
+                                                                                 name="large")
+        try:
+            ids = list(prompt_ids(load_tokenizer(cfg.resolved_path()), to_messages("53 + 51 - 6 + 20 - 99")))
+            chain = ids + (await w.generate(ids, GenParams(max_tokens=calls * step // 2))).token_ids
+            chain += chain[len(ids):] * 2  # long enough for every call (the ids' values do not matter here)
+            extra, model = [], []
+            for i in range(calls):
+                at = len(ids) + (i % (calls // 2)) * step
+                t = time.perf_counter()
+                s = await w.score(chain[:at], chain[at : at + step])
+                wall = time.perf_counter() - t
+                extra.append(wall - s.timing.model_s - s.timing.queue_s)
+                model.append(s.timing.model_s)
+            out[f"{where}_handoff_ms"] = statistics.median(extra) * 1000
+            out[f"{where}_model_ms"] = statistics.median(model) * 1000
+        finally:
+            await w.close()
+    return out
+
+
 async def main(which: list[str]) -> None:
     results = {}
     if "decode" in which:
@@ -136,11 +171,13 @@ async def main(which: list[str]) -> None:
         results["batching"] = await batching()
     if "overhead" in which:
         results["call_overhead"] = await call_overhead()
+    if "handoff" in which:
+        results["handoff"] = await handoff()
     print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", default=["decode", "kv", "batching", "overhead"],
-                    choices=["decode", "kv", "batching", "overhead"])
+    ap.add_argument("--only", nargs="+", default=["decode", "kv", "batching", "overhead", "handoff"],
+                    choices=["decode", "kv", "batching", "overhead", "handoff"])
     asyncio.run(main(ap.parse_args().only))
