@@ -43,15 +43,18 @@ def draw(probs: torch.Tensor, n: int = 1, generator: torch.Generator | None = No
     return torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
 
 
-def token_logprobs(logp: torch.Tensor, tokens: Sequence[int]) -> list[float]:
-    """``logp[i, tokens[i]]`` for each row i: the log-prob each row gives its own token."""
-    index = torch.as_tensor(list(tokens), dtype=torch.long, device=logp.device)
-    return logp.gather(1, index[:, None])[:, 0].tolist()
+def token_logprobs(probs: torch.Tensor, tokens: Sequence[int]) -> list[float]:
+    """``log(probs[i, tokens[i]])`` for each row i: the log-prob each row gives its own token.
+
+    The log of the entries read, not of the whole rows (a vocabulary-sized pass per row).
+    """
+    index = torch.as_tensor(list(tokens), dtype=torch.long, device=probs.device)
+    return probs.gather(1, index[:, None])[:, 0].log().tolist()
 
 
 def drawn_logprobs(rows: torch.Tensor, tokens: Sequence[int], params: GenParams) -> list[float]:
     """Each token's log-prob under the sampling distribution of its row (``GenParams.sample_logprobs``)."""
-    return token_logprobs(sampling_probs(rows, params.temperature, params.top_k, params.top_p).log(), tokens)
+    return token_logprobs(sampling_probs(rows, params.temperature, params.top_k, params.top_p), tokens)
 
 
 def check_sample_reads(n_continuation: int, sample: GenParams | None, draws: int,
@@ -89,12 +92,11 @@ def fill_sample_reads(scores: Scores, rows: torch.Tensor, continuation: Sequence
     probs = sampling_probs(rows, sample.temperature, sample.top_k, sample.top_p)
     rng = torch.Generator(device=rows.device).manual_seed(sample.seed) if sample.seed is not None else None
     scores.sampled = draw(probs, 1, rng)[:, 0].tolist()
-    logp = probs.log()
-    scores.sample_logprobs = token_logprobs(logp[: len(continuation)], continuation)
+    scores.sample_logprobs = token_logprobs(probs[: len(continuation)], continuation)
     if draws:
         drawn = draw(probs, draws, rng)
         scores.draws = drawn.tolist()
-        scores.draw_logprobs = logp.gather(1, drawn).tolist()
+        scores.draw_logprobs = probs.gather(1, drawn).log().tolist()  # logs of the entries read only
     if candidates is not None:
-        scores.candidate_logprobs = [logp[i, torch.as_tensor(c, dtype=torch.long, device=rows.device)].tolist()
+        scores.candidate_logprobs = [probs[i, torch.as_tensor(c, dtype=torch.long, device=rows.device)].log().tolist()
                                      for i, c in enumerate(candidates)]
