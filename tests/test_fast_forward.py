@@ -67,9 +67,10 @@ def test_logits_match_on_qwen2_with_grouped_kv_heads_and_biases() -> None:
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_a_batched_decode_step_matches_transformers(grouped: bool) -> None:
-    """One new position per row over a padded cache, in a batch large enough for the matmul attention path
-    (``FastForward._attend``); with query heads sharing KV heads too."""
+def test_a_batched_decode_step_matches_transformers(grouped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One new position per row over a padded cache, on the matmul attention path (``FastForward._attend``,
+    taken from a threshold this small cache is below, lowered here); with query heads sharing KV heads too."""
+    monkeypatch.setattr(FastForward, "MATMUL_DECODE_POSITIONS", 1)
     if grouped:
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -77,9 +78,7 @@ def test_a_batched_decode_step_matches_transformers(grouped: bool) -> None:
                                              max_position_embeddings=256)).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(arith_model("arith2/large"), dtype=torch.float32).eval()
-    pads = [0, 3, 17, 40, 5, 0, 22, 9, 31, 12]
-    assert len(pads) >= FastForward.MATMUL_DECODE_ROWS
-    ids, mask, positions = padded_batch(model.config.vocab_size, 60, pads)
+    ids, mask, positions = padded_batch(model.config.vocab_size, 60, [0, 3, 17, 40, 5, 0, 22, 9, 31, 12])
     want, got = both(model, ids, mask, positions, new=1)
     assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
     assert torch.equal(want.argmax(-1), got.argmax(-1))

@@ -121,21 +121,26 @@ class FastForward:
             h = h[:, -logits_to_keep:]
         return F.linear(_rms(h, self.norm, self.eps), self.head)
 
-    #: Rows from which a decode step's attention goes through two matmuls on a CPU (``_attend``).
-    MATMUL_DECODE_ROWS = 8
+    #: Cached positions over all rows (rows x positions) from which a decode step's attention goes through two
+    #: matmuls on a CPU (``_attend``).
+    MATMUL_DECODE_POSITIONS = 4096
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of the new positions' queries over the cache, (B, H, N, D).
 
-        A batched decode step on a CPU (one query per row, ``MATMUL_DECODE_ROWS`` rows or more) runs as
-        two matmuls and a softmax: torch's CPU SDPA kernel walks one query per row slowly, measured on
-        one thread with the arith large model's heads at 32 rows x 400-1000 cached positions 0.38-2.08 ms
-        against 0.33-1.65 ms for the matmuls (equal from 8 to 16 rows, SDPA ahead below). The query heads
-        that share a KV head form one matrix, so grouped KV heads are never repeated. Elsewhere (prefill,
-        a few rows, GPUs) SDPA.
+        A decode step on a CPU (one query per row) over ``MATMUL_DECODE_POSITIONS`` cached positions or
+        more in all runs as two matmuls and a softmax: torch's CPU SDPA kernel walks one query per row
+        slowly. Measured on one thread with the arith large model's heads: 32 rows x 400-1000 positions
+        0.38-2.08 ms a layer call against 0.33-1.65 ms for the matmuls, one row at 32k positions 1.71
+        against 1.23 ms, 4 rows at 8k 1.67 against 1.07 ms; equal around 5k positions in all (8 rows x
+        600, 16 x 300), SDPA ahead below (4 rows x 600: 0.077 against 0.082 ms, one row at 300-1000:
+        0.03-0.06 against 0.05-0.07 ms) and for several queries per row (a 9-token verification at 32k:
+        5.3 against 8.8 ms). The query heads that
+        share a KV head form one matrix, so grouped KV heads are never repeated. Elsewhere (prefill,
+        verification, short caches, GPUs) SDPA.
         """
         B, H, N, D = q.shape
-        if N != 1 or B < self.MATMUL_DECODE_ROWS or q.device.type != "cpu":
+        if N != 1 or B * k.shape[2] < self.MATMUL_DECODE_POSITIONS or q.device.type != "cpu":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
                                                   enable_gqa=self.kv_heads != H)
         KV = self.kv_heads
