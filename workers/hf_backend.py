@@ -347,8 +347,8 @@ class HFWorker:
         self._check_fits(len(prefix_ids) + len(continuation_ids), "score")
         check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.tokenizer))
         req = _Request(
-            "score", np.concatenate([as_ids(prefix_ids), as_ids(continuation_ids)]), *self._future(), n_prefix=len(prefix_ids),
-            top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next, sample=sample,
+            "score", np.concatenate([as_ids(prefix_ids), as_ids(continuation_ids)]), *self._future(),
+            n_prefix=len(prefix_ids), top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next, sample=sample,
             draws=draws, row_candidates=candidates,
         )
         return await self._submit(req)
@@ -357,8 +357,8 @@ class HFWorker:
         if not prefix_ids:
             raise WorkerError("next_token_logprobs needs a non-empty prefix")
         self._check_fits(len(prefix_ids), "next_token_logprobs")
-        req = _Request("next", as_ids(prefix_ids), *self._future(), n_prefix=len(prefix_ids), candidates=list(candidates),
-                       top_k=top_k)
+        req = _Request("next", as_ids(prefix_ids), *self._future(), n_prefix=len(prefix_ids),
+                       candidates=list(candidates), top_k=top_k)
         return await self._submit(req)
 
     async def info(self) -> WorkerInfo:

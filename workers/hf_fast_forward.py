@@ -129,15 +129,14 @@ class FastForward:
         """Attention of the new positions' queries over the cache, (B, H, N, D).
 
         A decode step on a CPU (one query per row) over ``MATMUL_DECODE_POSITIONS`` cached positions or
-        more in all runs as two matmuls and a softmax: torch's CPU SDPA kernel walks one query per row
-        slowly. Measured on one thread with the arith large model's heads: 32 rows x 400-1000 positions
-        0.38-2.08 ms a layer call against 0.33-1.65 ms for the matmuls, one row at 32k positions 1.71
-        against 1.23 ms, 4 rows at 8k 1.67 against 1.07 ms; equal around 5k positions in all (8 rows x
-        600, 16 x 300), SDPA ahead below (4 rows x 600: 0.077 against 0.082 ms, one row at 300-1000:
+        more in all rows runs as two matmuls and a softmax, since torch's CPU SDPA kernel walks one query
+        per row slowly. Measured on one thread with the arith large model's heads: 32 rows x 400-1000
+        positions 0.38-2.08 ms a layer call against 0.33-1.65 ms for the matmuls, one row at 32k positions
+        1.71 against 1.23 ms, 4 rows at 8k 1.67 against 1.07 ms; equal around 5k positions in all (8 rows
+        x 600, 16 x 300); SDPA ahead below that (4 rows x 600: 0.077 against 0.082 ms; one row at 300-1000:
         0.03-0.06 against 0.05-0.07 ms) and for several queries per row (a 9-token verification at 32k:
-        5.3 against 8.8 ms). The query heads that
-        share a KV head form one matrix, so grouped KV heads are never repeated. Elsewhere (prefill,
-        verification, short caches, GPUs) SDPA.
+        5.3 against 8.8 ms). The query heads that share a KV head form one matrix, so grouped KV heads are
+        never repeated. Elsewhere (prefill, verification, short caches, GPUs): SDPA.
         """
         B, H, N, D = q.shape
         if N != 1 or B * k.shape[2] < self.MATMUL_DECODE_POSITIONS or q.device.type != "cpu":
