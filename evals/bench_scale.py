@@ -55,13 +55,14 @@ from transformers import AutoTokenizer
 from orchestrator.config import RunConfig
 from orchestrator.core import Orchestrator
 from orchestrator.prompting import prompt_ids, to_messages
-from workers.protocol import Generation, GenParams, NextToken, Scores, WorkerInfo, WorkerStats
+from workers.protocol import Fusion, Generation, GenParams, NextToken, Scores, WorkerInfo, WorkerStats
 
 POLICIES = {
     "specreason": {"type": "specreason", "judge": "prompt", "threshold": 7, "max_step_tokens": 512},
     "spec-thinking": {"type": "spec-thinking"},
     "consultant": {"type": "consultant", "draft_tokens": 8},
     "speculative": {"type": "speculative", "draft_tokens": 8},
+    "reflective": {"type": "reflective", "draft_tokens": 8},
 }
 CUES = ["Wait, let me double-check this.", "Let me verify: the sum above.", "Alternatively, think of it as"]
 
@@ -251,7 +252,8 @@ class ReplayWorker:
         return s
 
     def _score(self, prefix_ids: list[int], continuation_ids: list[int], top_k: int = 0, entropies: bool = False,
-               full_dists: bool = False, full_next: bool = False, sample: GenParams | None = None) -> Scores:
+               full_dists: bool = False, full_next: bool = False, sample: GenParams | None = None,
+               fuse: Fusion | None = None) -> Scores:
         pos = len(prefix_ids) - self.prompt_len
         mine = [self._token(pos + i) for i in range(len(continuation_ids) + 1)]
         lps = [-0.05 if t == m else -6.0 for t, m in zip(continuation_ids, mine)]
@@ -262,7 +264,8 @@ class ReplayWorker:
             top=[{m: -0.05} for m in mine[:-1]] if top_k else None,
             dists=[row(m) for m in mine[:-1]] if full_dists else None,
             next_logprobs=row(mine[-1]) if full_next else None,
-            sampled=mine if sample is not None else None,
+            # a fused read (Reflective Verification) is over the continuation's first n - offset tokens
+            sampled=None if sample is None else mine[: len(mine) - (fuse.offset if fuse else 0)],
             prompt_tokens=len(prefix_ids), cached_prompt_tokens=len(prefix_ids) - 1,
         )
 

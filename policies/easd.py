@@ -46,7 +46,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field
 
-from policies.speculative import SpeculativeDecoding, first_rejection, residual_at, row_probs, verifier_reads
+from policies.speculative import (
+    Reread, SpeculativeDecoding, first_rejection, residual_at, row_probs, verifier_reads,
+)
 from policies.token_level import DraftVerifyParams, reject_draft
 from workers.protocol import joined
 from workers.sampling import draw
@@ -112,7 +114,8 @@ class EntropyAwareSD(SpeculativeDecoding):
         if n < g:  # the usual test turned a token down before the gate
             if greedy:
                 return n, ls.sampled[n]
-            token, _ = await residual_at(session, "large", "small", joined(ids, tokens[:n]), ls.draws[n],
+            prefix = joined(ids, tokens[:n])
+            token, _ = await residual_at(session, Reread("large", prefix), "small", prefix, ls.draws[n],
                                          ls.draw_logprobs[n], rng)
             return n, token
         if why is None:

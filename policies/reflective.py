@@ -37,25 +37,28 @@ reasoning as plain text; ``probe: chat`` closes the assistant turn, asks
 ``probe_text`` as a user turn and opens an assistant turn pre-filled with
 ``probe_prefill``, through the model's own chat template. Both are built once per
 tokenizer. The fusion needs the large model's full rows at the draft positions (the
-argmax of a mixture is not in general in either model's top-k), so they cross the
-protocol here even under greedy decoding. Draft tokens the fused rule rejects go
-into the trace as a rejected ``tokens`` segment.
+argmax of a mixture is not in general in either model's top-k), so it happens in the
+large model's worker (``workers.protocol.Fusion``, ``workers.sampling.fused_rows``):
+the pass returns the fused argmax under greedy decoding and, under sampling, the fused
+p at the draft tokens and draws from it, read by lossless SD's rule
+(``policies.speculative.accept_or_resample``) with q carried by the draft. No
+vocabulary-sized row crosses the protocol (but in the residual's last resort, as in
+SD). Draft tokens the fused rule rejects go into the trace as a rejected ``tokens``
+segment.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
 
 from policies.judge_prompt import judge_suffix_ids
-from policies.speculative import accept_reject
+from policies.speculative import Reread, accept_or_resample, greedy_match, verifier_reads
 from policies.token_level import DraftVerifyParams, DraftVerifyPolicy, reject_draft
-from workers.sampling import sampling_probs
+from workers.protocol import Fusion
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -82,15 +85,6 @@ def probe_ids(tokenizer: Any, probe: str, text: str, prefill: str) -> tuple[int,
     return tuple(tokenizer.encode(text, add_special_tokens=False)) if text else ()
 
 
-def fuse(plain: torch.Tensor, reflective: torch.Tensor, alpha: float, fusion: str) -> torch.Tensor:
-    """Fused log-probabilities from two rows (or batches of rows) of log-probabilities."""
-    if fusion == "linear":
-        if alpha in (0.0, 1.0):
-            return reflective if alpha == 1.0 else plain
-        return torch.logaddexp(plain + math.log1p(-alpha), reflective + math.log(alpha))
-    return torch.log_softmax((1 - alpha) * plain + alpha * reflective, -1)
-
-
 def layout(prefix: Sequence[int], draft: Sequence[int], probe: Sequence[int], position_tokens: int) -> list[int]:
     """The scored continuation after ``prefix``: draft, probe, position prefix, draft again."""
     pos = list(prefix[len(prefix) - position_tokens:]) if position_tokens else []
@@ -101,29 +95,26 @@ class ReflectiveVerification(DraftVerifyPolicy):
     name = "reflective"
     params: ReflectiveParams
 
+    def draft_reads(self, session: Session) -> dict[str, Any]:
+        """Under sampling the draft carries q at each of its tokens, as drawn (as in lossless SD)."""
+        return {"sample_logprobs": not session.params.greedy}
+
     async def verify(self, session: Session, ids: Sequence[int], draft: Generation) -> tuple[int, int | None]:
-        p, sp = self.params, session.params
+        """One fused pass of the large model; the rule of lossless SD on the fused rows, read in the worker."""
+        p = self.params
         tokens = draft.token_ids
         ended = draft.finish_reason == "eos"
-        g = len(tokens)
         probe = probe_ids(session.models["large"].tokenizer, p.probe, p.probe_text, p.probe_prefill)
         cont = layout(ids, tokens, probe, min(p.position_tokens, len(ids)))
-        s = await session.score("large", ids, cont, full_dists=True, full_next=not ended)
-        rows = torch.tensor(s.dists)
-        off = len(cont) - g  # the second copy's first row
-        plain = rows[: g + 1]  # d_1..d_g and the row after d_g
-        refl = rows[off:] if ended else torch.cat([rows[off:], torch.tensor([s.next_logprobs])])
-        f = fuse(plain[: len(refl)], refl, p.alpha, p.fusion)  # g rows, or g + 1 with the bonus row
-        if sp.greedy:
-            best = f.argmax(-1).tolist()
-            n = next((i for i, x in enumerate(tokens) if best[i] != x), g)
-            nxt = best[n] if n < len(best) else None
+        fusion = Fusion(offset=len(cont) - len(tokens), alpha=p.alpha, kind=p.fusion)
+        if session.params.greedy:
+            s = await session.score("large", ids, cont, sample=session.gen_params(), fuse=fusion)
+            n, nxt = greedy_match(tokens, s.sampled, ended)
         else:
-            qs = await session.score("small", ids, tokens, full_dists=True)
-            probs = lambda x: sampling_probs(x, sp.temperature, sp.top_k, sp.top_p)  # noqa: E731
-            pf = probs(f)
-            q = probs(torch.tensor(qs.dists))
-            n, nxt = accept_reject(pf[:g], q, tokens, None if ended else pf[g], session.generator())
-        if n < g:
+            ps = await session.score("large", ids, cont, **verifier_reads(session), fuse=fusion)
+            n, nxt, _ = await accept_or_resample(session, "large", "small", ids, tokens, draft.sample_logprobs, ended,
+                                                 ps, session.generator(),
+                                                 reread=lambda i: Reread("large", ids, cont, i, fusion))
+        if n < len(tokens):
             reject_draft(session, tokens[n:], f"reflective verification (alpha {p.alpha}, {p.fusion}) rejected")
         return n, nxt

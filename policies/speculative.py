@@ -26,14 +26,15 @@ is the one-candidate case.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from policies.token_level import DraftVerifyParams, DraftVerifyPolicy
-from workers.protocol import joined
-from workers.sampling import draw, sampling_probs
+from workers.protocol import Fusion, joined
+from workers.sampling import draw, fused_rows, sampling_probs
 
 if TYPE_CHECKING:
     from orchestrator.session import Session
@@ -143,23 +144,53 @@ def verifier_reads(session: Session) -> dict:
     return {"sample": session.gen_params(), "draws": RESIDUAL_DRAWS}
 
 
+@dataclass(frozen=True)
+class Reread:
+    """Where the verifier's distribution at a rejected position is read again when the residual needs more draws.
+
+    Plain verification reads it as a one-row call after the kept tokens (``prefix``; the worker's cache
+    holds it). A fused pass (Reflective Verification, ``fuse``) has no one-row equivalent: the same pass
+    over ``continuation`` is asked again and its fused row ``row`` read.
+    """
+
+    role: str
+    prefix: Sequence[int]
+    continuation: list[int] = field(default_factory=list)
+    row: int = 0
+    fuse: Fusion | None = None
+
+    async def draws(self, session: Session, n: int) -> tuple[list[int], list[float]]:
+        """``n`` draws from the verifier's sampling distribution at the position, with their log-probabilities."""
+        reads: dict[str, Any] = {"fuse": self.fuse} if self.fuse else {}
+        s = await session.score(self.role, self.prefix, self.continuation, sample=session.gen_params(), draws=n, **reads)
+        return s.draws[self.row], s.draw_logprobs[self.row]
+
+    async def logprobs(self, session: Session) -> list[float]:
+        """The position's whole log-distribution (raw, before the sampling params): the residual's last resort."""
+        s = await session.score(self.role, self.prefix, self.continuation, full_dists=True, full_next=True)
+        rows = torch.tensor([*s.dists, s.next_logprobs])
+        return (fused_rows(rows, self.fuse) if self.fuse else rows)[self.row].tolist()
+
+
 async def accept_or_resample(session: Session, verifier: str, drafter: str, ids: Sequence[int], tokens: list[int],
-                             q_logprobs: Sequence[float], ended: bool, ps: Scores,
-                             rng: torch.Generator) -> tuple[int, int | None, float | None]:
+                             q_logprobs: Sequence[float], ended: bool, ps: Scores, rng: torch.Generator,
+                             reread: Callable[[int], Reread] | None = None) -> tuple[int, int | None, float | None]:
     """The lossless rule under sampling on the verifier's pass ``ps`` (``verifier_reads``) over ``tokens``, drawn
     with ``q_logprobs``: (tokens kept, the next token, its log-probability under the verifier).
 
-    The next token is the residual's at the first rejection (``residual_at``), or after a fully kept draft one
-    of p's draws there (the bonus; None when the draft ``ended`` with EOS).
+    The next token is the residual's at the first rejection (``residual_at``; ``reread(i)`` says where the
+    verifier's row i is read again, by default the one-row call after the kept tokens), or after a fully kept
+    draft one of p's draws there (the bonus; None when the draft ``ended`` with EOS).
     """
     i = first_rejection(ps.sample_logprobs, q_logprobs, rng)
     if i < len(tokens):
-        return i, *await residual_at(session, verifier, drafter, joined(ids, tokens[:i]), ps.draws[i],
-                                     ps.draw_logprobs[i], rng)
+        prefix = joined(ids, tokens[:i])
+        again = reread(i) if reread else Reread(verifier, prefix)
+        return i, *await residual_at(session, again, drafter, prefix, ps.draws[i], ps.draw_logprobs[i], rng)
     return (i, None, None) if ended else (i, ps.draws[i][0], ps.draw_logprobs[i][0])
 
 
-async def residual_at(session: Session, verifier: str, drafter: str, prefix: Sequence[int], draws: list[int],
+async def residual_at(session: Session, verifier: Reread, drafter: str, prefix: Sequence[int], draws: list[int],
                       draw_logprobs: list[float], rng: torch.Generator) -> tuple[int, float]:
     """The residual token after ``prefix`` (and its log p) from the verifier's ``draws`` there.
 
@@ -171,14 +202,12 @@ async def residual_at(session: Session, verifier: str, drafter: str, prefix: Seq
     for ask in range(RESIDUAL_ASKS):
         if ask:
             n *= RESIDUAL_GROWTH
-            ps = await session.score(verifier, prefix, [], sample=session.gen_params(), draws=n)
-            draws, draw_logprobs = ps.draws[0], ps.draw_logprobs[0]
+            draws, draw_logprobs = await verifier.draws(session, n)
         qs = await session.score(drafter, prefix, [], sample=session.gen_params(), candidates=[draws])
         if (picked := residual_pick(draws, draw_logprobs, qs.candidate_logprobs[0], rng)) is not None:
             return picked
-    ps = await session.score(verifier, prefix, [], full_next=True)
     qs = await session.score(drafter, prefix, [], full_next=True)
-    p, q = row_probs([ps.next_logprobs, qs.next_logprobs], session.params)
+    p, q = row_probs([await verifier.logprobs(session), qs.next_logprobs], session.params)
     token = int(draw(residual_probs(p, q), 1, rng))
     return token, math.log(float(p[token]))
 

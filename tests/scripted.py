@@ -14,7 +14,7 @@ from collections import deque
 import torch
 
 from orchestrator.session import ModelHandle, Session
-from workers.protocol import Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerInfo, WorkerStats
+from workers.protocol import Fusion, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerInfo, WorkerStats
 from workers.sampling import check_sample_reads, fill_sample_reads, sampling_probs
 
 EOS = 3
@@ -130,10 +130,10 @@ class TableWorker(_Base):
 
     async def score(self, prefix_ids, continuation_ids, top_k=0, entropies=False, full_dists=False,
                     full_next=False, sample: GenParams | None = None, draws: int = 0,
-                    candidates: list[list[int]] | None = None) -> Scores:
+                    candidates: list[list[int]] | None = None, fuse: Fusion | None = None) -> Scores:
         """As the backends answer it: the sampling reads come from the same ``fill_sample_reads``."""
         self.calls.append(("score", (len(prefix_ids), len(continuation_ids))))
-        check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.logits[0]))
+        check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.logits[0]), fuse)
         ctx = [*prefix_ids, *continuation_ids]
         n = len(prefix_ids)
         rows = [torch.log_softmax(self._at(ctx[: n + i]), -1) for i in range(len(continuation_ids) + 1)]
@@ -146,7 +146,7 @@ class TableWorker(_Base):
         )
         self.rows_sent += len(out.dists or []) + (out.next_logprobs is not None)
         if sample is not None:
-            fill_sample_reads(out, torch.stack(rows), continuation_ids, sample, draws, candidates)
+            fill_sample_reads(out, torch.stack(rows), continuation_ids, sample, draws, candidates, fuse)
         return out
 
     async def next_token_logprobs(self, prefix_ids, candidates, top_k=0) -> NextToken:

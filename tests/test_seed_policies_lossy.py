@@ -22,11 +22,12 @@ from orchestrator.session import ModelHandle, Session
 from policies import build_policy
 from policies.bild import BiLDParams, fallback_point, rollback_point
 from policies.easd import EASDParams, gate, without
-from policies.reflective import ReflectiveParams, fuse, layout
+from policies.reflective import ReflectiveParams, layout
 from policies.spec_verification import SpecVerificationParams, overlap_mass, verification_length
-from policies.speculative import SpeculativeParams
+from policies.speculative import Reread, SpeculativeParams
 from tests.scripted import EOS, CharTokenizer, TableWorker, make_session
-from workers.protocol import GenParams
+from workers.protocol import Fusion, GenParams
+from workers.sampling import fuse
 
 CONFIDENT_1 = [0, 5, 0, -9]  # p(1) = 0.987
 UNSURE = [0, 0.5, 0.4, -9]  # top-1 p = 0.38
@@ -270,6 +271,7 @@ async def test_rv_rejects_on_the_fused_distribution_where_sd_accepts():
     assert large.calls[0] == ("score", (1, 4))  # [d, probe, position prefix, d]
     assert text(sd) == text(s0) == "\x01"  # plain argmax 1 (0.57); alpha 0 is SD
     assert text(s) == "\x02" and not s.segments[0].accepted  # fused: 0.5*0.35 + 0.5*0.94 on token 2 beats 0.30
+    assert large.rows_sent == small.rows_sent == 0  # the fused argmax is read in the large model's worker
 
 
 async def test_rv_sampling_follows_the_fused_distribution():
@@ -285,6 +287,21 @@ async def test_rv_sampling_follows_the_fused_distribution():
         counts[text(s)] += 1
     assert chi2(counts, exact, n) < 16.3  # chi-square, 3 dof, p = 0.001
     assert counts["\x02"] / n > math.exp(rows[1][2]) + 0.1  # far from the plain distribution
+    assert large.rows_sent == small.rows_sent == 0  # fused p and its draws read in the worker, q with the draft
+
+
+async def test_rv_residual_rereads_the_fused_row():
+    """When the residual needs more draws of p, they come from the same fused pass and row, not a plain call."""
+    large = TableWorker(RV_LARGE)
+    s = make_session(TableWorker([[0, 0, 0, 0]]), large, prompt=[0], temperature=1.0)
+    fusion = Fusion(offset=3, alpha=0.5)
+    again = Reread("large", [0], [1, 2, 0, 1], 0, fusion)
+    rows = torch.log_softmax(torch.tensor(RV_LARGE, dtype=torch.float32), -1)
+    f = fuse(rows[1], rows[4], 0.5, "linear")
+    draws, lps = await again.draws(s, 4000)
+    assert lps == pytest.approx([float(f[t]) for t in draws], abs=1e-5)
+    assert collections.Counter(draws)[2] / 4000 == pytest.approx(float(f[2].exp()), abs=0.03)
+    assert await again.logprobs(s) == pytest.approx(f.tolist(), abs=1e-5)
 
 
 # ------------------------------------------------------------------ real models: the arith pair

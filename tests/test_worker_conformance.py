@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orchestrator.prompting import prompt_ids, to_messages
 from tests.conftest import arith_model
-from workers.protocol import GenParams, WorkerError
-from workers.sampling import sampling_probs
+from workers.protocol import Fusion, GenParams, WorkerError
+from workers.sampling import fuse, sampling_probs
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -134,6 +134,34 @@ async def test_sampling_reads_are_the_sampling_distribution_at_a_few_tokens(smal
         await small_worker.score(ids, cont, sample=GenParams(), draws=2)
     with pytest.raises(WorkerError, match="positions"):
         await small_worker.score(ids, cont[:2], sample=params, candidates=[[1]] * 4)
+
+
+@pytest.mark.parametrize("kind, temperature", [("linear", 0.0), ("log-linear", 0.0), ("linear", 0.8)])
+async def test_fused_reads_come_from_the_mixture_of_two_rows(small_worker, tok, ref, kind, temperature):
+    """Reflective Verification's read: a draft scored twice, verified on the fused rows inside the worker."""
+    ids = ids_for(tok, PROBLEMS[4])
+    draft = tok.encode("70 - 33 = 37\n\n", add_special_tokens=False)
+    cont = [*draft, *tok.encode("[BACK]", add_special_tokens=False), *draft]
+    fusion = Fusion(offset=len(cont) - len(draft), alpha=0.3, kind=kind)
+    lp = ref_logprobs(ref, ids + cont)[len(ids) - 1 :]  # a row per continuation token and the one after
+    f = fuse(lp[: len(draft) + 1], lp[fusion.offset :], 0.3, kind)
+    params = GenParams(temperature=temperature, top_k=20, seed=5)
+    s = await small_worker.score(ids, cont, sample=params, draws=4 if temperature else 0, fuse=fusion)
+    assert s.dists is None and s.next_logprobs is None and len(s.sampled) == len(draft) + 1
+    assert s.logprobs == pytest.approx([float(lp[j, t]) for j, t in enumerate(cont)], abs=1e-3)  # plain
+    if temperature == 0:
+        assert s.sampled == f.argmax(-1).tolist()
+    else:
+        want = sampling_probs(f, temperature, 20).log()
+        plain = sampling_probs(lp[: len(draft)], temperature, 20).log()
+        assert max(abs(float(want[j, t] - plain[j, t])) for j, t in enumerate(draft)) > 0.01  # the fusion shows
+        assert s.sample_logprobs == pytest.approx([float(want[j, t]) for j, t in enumerate(draft)], abs=1e-3)
+        for j, (d, lps) in enumerate(zip(s.draws, s.draw_logprobs)):
+            assert lps == pytest.approx([float(want[j, t]) for t in d], abs=1e-3)
+    with pytest.raises(WorkerError, match="sample params"):
+        await small_worker.score(ids, cont, fuse=fusion)
+    with pytest.raises(WorkerError, match="beyond"):
+        await small_worker.score(ids, draft, sample=params, fuse=Fusion(offset=len(draft) + 1, alpha=0.3))
 
 
 async def test_generation_returns_the_sampling_logprob_of_each_token_as_drawn(small_worker, tok):

@@ -47,7 +47,7 @@ from workers.prefix_cache import KV, PrefixCache, as_ids
 from workers.sampling import check_sample_reads, draw, fill_sample_reads, sampling_probs
 from workers.timing import BusyClock, CallClock, PhaseClock
 from workers.protocol import (
-    CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
+    CallTiming, Fusion, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
     vocab_fingerprint,
 )
 
@@ -190,6 +190,7 @@ class _Request:
     sample: GenParams | None = None
     draws: int = 0
     row_candidates: list[list[int]] | None = None  # a score's candidates per row (``Worker.score``)
+    fuse: Fusion | None = None
     candidates: list[int] = field(default_factory=list)
     payload: Any = None  # a swap's new model
     # runtime state
@@ -341,15 +342,16 @@ class HFWorker:
         sample: GenParams | None = None,
         draws: int = 0,
         candidates: list[list[int]] | None = None,
+        fuse: Fusion | None = None,
     ) -> Scores:
         if not prefix_ids:
             raise WorkerError("score needs a non-empty prefix")
         self._check_fits(len(prefix_ids) + len(continuation_ids), "score")
-        check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.tokenizer))
+        check_sample_reads(len(continuation_ids), sample, draws, candidates, len(self.tokenizer), fuse)
         req = _Request(
             "score", np.concatenate([as_ids(prefix_ids), as_ids(continuation_ids)]), *self._future(),
-            n_prefix=len(prefix_ids), top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next, sample=sample,
-            draws=draws, row_candidates=candidates,
+            n_prefix=len(prefix_ids), top_k=top_k, entropies=entropies, full_dists=full_dists, full_next=full_next,
+            sample=sample, draws=draws, row_candidates=candidates, fuse=fuse,
         )
         return await self._submit(req)
 
@@ -657,7 +659,8 @@ class HFWorker:
         if r.full_next:
             out.next_logprobs = torch.log_softmax(lg[len(cont)], -1).tolist()
         if r.sample is not None:
-            fill_sample_reads(out, lg[: len(cont) + 1], r.ids[r.n_prefix :], r.sample, r.draws, r.row_candidates)
+            fill_sample_reads(out, lg[: len(cont) + 1], r.ids[r.n_prefix :], r.sample, r.draws, r.row_candidates,
+                              r.fuse)
         out.timing = self._timing(r)
         return out
 

@@ -66,6 +66,25 @@ class CallTiming(_Msg):
         return self.prefill_s + self.decode_s
 
 
+class Fusion(_Msg):
+    """A score call's sampling reads taken from fused rows (Reflective Verification's read).
+
+    With ``Worker.score(..., fuse=Fusion(offset=k, ...))`` over a continuation of n
+    tokens, row i (i = 0..n-k) is replaced by the fusion of its log-distribution with
+    that of row k + i, and the sampling reads (``sampled``, ``sample_logprobs``,
+    ``draws``, ``candidate_logprobs``) are answered from those n - k + 1 fused rows over
+    the continuation's first n - k tokens, as if that were the continuation. A draft
+    scored twice in one pass (``[draft][probe][draft]``) is verified on the mixture of
+    the model's plain and reflective readings inside the worker: no vocabulary-sized
+    row crosses the protocol. ``logprobs``, ``top``, ``dists`` and the rest stay plain.
+    ``linear``: (1 - alpha) p + alpha r; ``log-linear``: the renormalised p^(1-alpha) r^alpha.
+    """
+
+    offset: int = Field(ge=1)
+    alpha: float = Field(ge=0.0, le=1.0)
+    kind: Literal["linear", "log-linear"] = "linear"
+
+
 class TokenLogprob(_Msg):
     token_id: int
     logprob: float
@@ -104,6 +123,7 @@ class Scores(_Msg):
     row (continuation positions and the one after), that many further draws when
     asked; ``candidate_logprobs``: of the asked ``candidates`` at each row. Lossless
     speculative sampling reads p and q through these: O(draft length) numbers a round.
+    With ``fuse`` (``Fusion``) all of these, ``sampled`` included, come from fused rows.
     """
 
     logprobs: list[float]
@@ -219,6 +239,7 @@ class Worker(Protocol):
         sample: GenParams | None = None,
         draws: int = 0,
         candidates: list[list[int]] | None = None,
+        fuse: Fusion | None = None,
     ) -> Scores: ...
 
     async def next_token_logprobs(self, prefix_ids: Sequence[int], candidates: list[int], top_k: int = 0) -> NextToken: ...

@@ -7,11 +7,12 @@ rule), so all agree exactly on what distribution a sampled token came from.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from workers.protocol import GenParams, Scores, WorkerError
+from workers.protocol import Fusion, GenParams, Scores, WorkerError
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -57,11 +58,33 @@ def drawn_logprobs(rows: torch.Tensor, tokens: Sequence[int], params: GenParams)
     return token_logprobs(sampling_probs(rows, params.temperature, params.top_k, params.top_p), tokens)
 
 
+def fuse(plain: torch.Tensor, reflective: torch.Tensor, alpha: float, kind: str) -> torch.Tensor:
+    """Fused log-probabilities of two (batches of) rows of log-probabilities (``Fusion``)."""
+    if kind == "linear":
+        if alpha in (0.0, 1.0):
+            return reflective if alpha == 1.0 else plain
+        return torch.logaddexp(plain + math.log1p(-alpha), reflective + math.log(alpha))
+    return torch.log_softmax((1 - alpha) * plain + alpha * reflective, -1)
+
+
+def fused_rows(rows: torch.Tensor, fusion: Fusion) -> torch.Tensor:
+    """The n - k + 1 fused rows of a score call's n + 1 rows (logits or log-probs): row i with row k + i."""
+    lp = torch.log_softmax(rows.float(), -1)
+    return fuse(lp[: len(lp) - fusion.offset], lp[fusion.offset :], fusion.alpha, fusion.kind)
+
+
 def check_sample_reads(n_continuation: int, sample: GenParams | None, draws: int,
-                       candidates: list[list[int]] | None, vocab_size: int) -> None:
-    """Reject a score call's ``draws``/``candidates`` that no sampling distribution can answer (before any work)."""
+                       candidates: list[list[int]] | None, vocab_size: int, fuse: Fusion | None = None) -> None:
+    """Reject a score call's ``draws``/``candidates``/``fuse`` that no sampling distribution can answer (before any
+    work)."""
     if draws < 0:
         raise WorkerError(f"draws must be >= 0, got {draws}")
+    if fuse is not None:
+        if sample is None:
+            raise WorkerError("fuse changes the sampling reads: pass sample params")
+        if fuse.offset > n_continuation:
+            raise WorkerError(f"fuse offset {fuse.offset} is beyond a continuation of {n_continuation} tokens")
+        n_continuation -= fuse.offset  # the reads are over the fused rows
     if not draws and candidates is None:
         return
     if sample is None or sample.greedy:
@@ -76,7 +99,7 @@ def check_sample_reads(n_continuation: int, sample: GenParams | None, draws: int
 
 
 def fill_sample_reads(scores: Scores, rows: torch.Tensor, continuation: Sequence[int], sample: GenParams,
-                      draws: int = 0, candidates: list[list[int]] | None = None) -> None:
+                      draws: int = 0, candidates: list[list[int]] | None = None, fuse: Fusion | None = None) -> None:
     """Answer a score call's sampling reads from its rows (logits or log-probs, one per continuation token + 1).
 
     ``sampled``: the argmax under greedy params, else one seeded draw per row; then,
@@ -84,8 +107,12 @@ def fill_sample_reads(scores: Scores, rows: torch.Tensor, continuation: Sequence
     draws per row with their sampling log-probs; ``sample_logprobs``: the sampling
     log-prob of each continuation token; ``candidate_logprobs[i]``: that of each token of
     ``candidates[i]`` at row i. Lossless verification reads p and q at a few tokens
-    through these instead of moving vocabulary-sized rows.
+    through these instead of moving vocabulary-sized rows. With ``fuse`` the reads are
+    over the fused rows (``fused_rows``) and the continuation's first n - k tokens.
     """
+    if fuse is not None:
+        rows = fused_rows(rows, fuse)
+        continuation = continuation[: len(rows) - 1]
     if sample.greedy:
         scores.sampled = rows.argmax(-1).tolist()
         return

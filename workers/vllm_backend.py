@@ -56,7 +56,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from workers.protocol import (
-    CallTiming, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
+    CallTiming, Fusion, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
     id_list, vocab_fingerprint,
 )
 from workers.sampling import check_sample_reads, drawn_logprobs, fill_sample_reads
@@ -296,14 +296,15 @@ class VLLMWorker:
         sample: GenParams | None = None,
         draws: int = 0,
         candidates: list[list[int]] | None = None,
+        fuse: Fusion | None = None,
     ) -> Scores:
         if not prefix_ids:
             raise WorkerError("score needs a non-empty prefix")
         n = len(continuation_ids)
-        check_sample_reads(n, sample, draws, candidates, len(self.tokenizer))
+        check_sample_reads(n, sample, draws, candidates, len(self.tokenizer), fuse)
         prompt = id_list(prefix_ids) + list(continuation_ids)
-        # a sampled draw needs whole rows (kept in this process); a greedy one only the rank-1 token
-        draw = sample is not None and not sample.greedy
+        # a sampled draw or a fused read needs whole rows (kept in this process); a greedy one the rank-1 token
+        draw = sample is not None and (not sample.greedy or fuse is not None)
         full = full_dists or entropies or draw
         ranks = max(top_k, 1 if sample is not None else 0)
         sp = SamplingParams(
@@ -354,7 +355,7 @@ class VLLMWorker:
         if sample is not None:
             if draw:
                 all_rows = torch.cat([rows, next_row[None]]) if dense else next_row[None]
-                fill_sample_reads(scores, all_rows, continuation_ids, sample, draws, candidates)
+                fill_sample_reads(scores, all_rows, continuation_ids, sample, draws, candidates, fuse)
             else:  # greedy: the engine's own (temperature 0) next token is the argmax after the continuation
                 scores.sampled = [*best, out.outputs[0].token_ids[0]]
         self._stats.prompt_tokens += len(prefix_ids)
