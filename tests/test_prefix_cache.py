@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-from workers.prefix_cache import BLOCK, PrefixCache
+import numpy as np
+
+from workers.prefix_cache import BLOCK, PrefixCache, block_hashes
 
 
 def kv_of(ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,6 +61,16 @@ def test_an_entry_extended_by_its_chain_is_replaced_and_dropped_entries_leave_th
         cache.drop_beyond(cache._entries[eid].kv[0][0].data_ptr(), 0)
     assert len(cache) == 1 and len(cache._index) <= 2 * cache.tokens // BLOCK + 1024
     assert cache.lookup(chain)[0] == len(chain)
+
+
+def test_hashes_extended_from_a_prefix_are_the_hashes_of_the_whole() -> None:
+    """A finished generation's entry extends its prompt's hashes by the generated blocks only."""
+    ids = np.random.default_rng(1).integers(0, 131072, 5000)
+    whole = block_hashes(ids)
+    assert len(whole) == 5000 // BLOCK and len(set(whole)) == len(whole)
+    for cut in (0, 15, 16, 17, 1000, 4999, 5000):
+        assert block_hashes(ids, block_hashes(ids[:cut])) == whole
+    assert block_hashes(ids[:100], whole) == whole[: 100 // BLOCK]  # known hashes beyond ids: its own prefix
 
 
 async def test_a_generation_leaves_one_cache_entry_for_its_chain() -> None:

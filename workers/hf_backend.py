@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.hf_fast_forward import FastForward
-from workers.prefix_cache import KV, PrefixCache, as_ids
+from workers.prefix_cache import KV, PrefixCache, as_ids, block_hashes
 from workers.sampling import check_sample_reads, draw, fill_sample_reads, sampling_probs
 from workers.timing import BusyClock, CallClock, PhaseClock
 from workers.protocol import (
@@ -195,6 +195,7 @@ class _Request:
     payload: Any = None  # a swap's new model
     # runtime state
     kv: KV | None = None
+    hashes: list[int] | None = None  # the prefix cache's block hashes of ``ids``
     cached: int = 0
     source: int | None = None
     generated: list[int] = field(default_factory=list)
@@ -579,7 +580,8 @@ class HFWorker:
         for r in reqs:
             # the last prompt token (or, for scoring, the last prefix token) must be fed to get its logits
             need_from = (r.n_prefix if r.kind == "score" else len(r.ids)) - 1
-            cached, kv, eid = self.cache.lookup(r.ids)
+            r.hashes = block_hashes(r.ids)  # for the lookup, this pass's entry and, extended, the finished one's
+            cached, kv, eid = self.cache.lookup(r.ids, r.hashes)
             cached = min(cached, need_from)
             if kv is not None and cached < kv[0][0].shape[2]:
                 kv = [(k[:, :, :cached], v[:, :, :cached]) for k, v in kv] if cached > 0 else None
@@ -597,7 +599,7 @@ class HFWorker:
         for r, lg, kv in zip(reqs, logits, kvs):
             r.kv = kv
             r.forward_passes += 1
-            r.source = self.cache.put(r.ids, kv, replaces=r.source)  # what _finish's entry replaces
+            r.source = self.cache.put(r.ids, kv, replaces=r.source, hashes=r.hashes)  # what _finish's replaces
             r.clock.prefill_s += time.perf_counter() - t0  # the batch's pass and bookkeeping up to this row's answer
             if r.kind == "next":
                 lp = torch.log_softmax(lg[-1].float(), -1)
@@ -841,7 +843,7 @@ class HFWorker:
 
     def _finish(self, r: _Request) -> None:
         covered = np.concatenate([r.ids, as_ids(r.generated[:-1])])  # the last sampled token has no KV yet
-        self.cache.put(covered, r.kv, replaces=r.source)
+        self.cache.put(covered, r.kv, replaces=r.source, hashes=block_hashes(covered, r.hashes))
         r.kv = None
         reason, stop = r.finish
         text = self.tokenizer.decode(r.generated, skip_special_tokens=True)

@@ -44,11 +44,22 @@ def _position_weights(n: int) -> np.ndarray:
     return w[:n]
 
 
-def _block_hashes(ids: np.ndarray) -> list[int]:
-    """The chain hash of each whole 16-token block prefix of ``ids`` (block b: its first (b + 1) x 16 ids)."""
-    n = len(ids) // BLOCK * BLOCK
-    terms = (ids[:n].astype(np.uint64) + np.uint64(1)) * _position_weights(n)
-    return terms.reshape(-1, BLOCK).sum(1, dtype=np.uint64).cumsum(dtype=np.uint64).tolist()
+def block_hashes(ids: np.ndarray, known: list[int] | None = None) -> list[int]:
+    """The chain hash of each whole 16-token block prefix of ``ids`` (block b: its first (b + 1) x 16 ids).
+
+    ``known``: the hashes of a prefix of ``ids`` (its first ``len(known)`` blocks), computed before: the
+    hash is a prefix sum, so only the blocks after them are hashed (a finished generation extends its
+    prompt's hashes by the generated blocks instead of hashing the whole context again).
+    """
+    known = known or []
+    s, n = len(known) * BLOCK, len(ids) // BLOCK * BLOCK
+    if n <= s:
+        return known[: n // BLOCK]
+    terms = (ids[s:n].astype(np.uint64) + np.uint64(1)) * _position_weights(n)[s:]
+    sums = terms.reshape(-1, BLOCK).sum(1, dtype=np.uint64).cumsum(dtype=np.uint64)
+    if known:
+        sums += np.uint64(known[-1])  # modulo 2**64, as the sums themselves
+    return known + sums.tolist()
 
 
 def as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
@@ -75,10 +86,13 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, ids: np.ndarray) -> tuple[int, KV | None, int | None]:
-        """(matched length, KV sliced to it, entry id) for the longest cached prefix of ``ids``."""
+    def lookup(self, ids: np.ndarray, hashes: list[int] | None = None) -> tuple[int, KV | None, int | None]:
+        """(matched length, KV sliced to it, entry id) for the longest cached prefix of ``ids``.
+
+        ``hashes``: ``block_hashes(ids)`` when the caller has them (it passes the same to ``put``).
+        """
         ids = as_ids(ids)
-        hashes = _block_hashes(ids)
+        hashes = block_hashes(ids) if hashes is None else hashes
         for b in range(len(hashes) - 1, -1, -1):
             eid = self._index.get(hashes[b])
             entry = self._entries.get(eid) if eid is not None else None
@@ -94,11 +108,12 @@ class PrefixCache:
             return n, [(k[:, :, :n], v[:, :, :n]) for k, v in entry.kv], eid
         return 0, None, None
 
-    def put(self, ids: np.ndarray, kv: KV, replaces: int | None = None) -> int | None:
+    def put(self, ids: np.ndarray, kv: KV, replaces: int | None = None, hashes: list[int] | None = None) -> int | None:
         """Store the KV of ``ids``; drop ``replaces`` if it is a prefix of ``ids`` (now redundant).
 
         Returns the new entry's id (``None`` when ``ids`` is too short or too long to keep), which
-        a caller that extends the same sequence later passes as ``replaces``.
+        a caller that extends the same sequence later passes as ``replaces``. ``hashes``:
+        ``block_hashes(ids)`` when the caller has them.
         """
         ids = as_ids(ids)
         if len(ids) < BLOCK or len(ids) > self.max_tokens:
@@ -109,7 +124,7 @@ class PrefixCache:
                 self._drop(replaces)
         eid = self._next_id
         self._next_id += 1
-        hashes = _block_hashes(ids)
+        hashes = block_hashes(ids) if hashes is None else hashes
         self._entries[eid] = _Entry(ids, hashes, kv)
         self._by_buffer.setdefault(kv[0][0].data_ptr(), set()).add(eid)
         self.tokens += len(ids)
