@@ -20,7 +20,6 @@ from policies.spec_thinking import SpecThinkingParams
 from policies.specreason import SpecReasonParams, read_score
 from policies.speculative import SpeculativeParams
 from tests.scripted import ChoiceWorker, ScriptedWorker, TableWorker, document, make_session
-from workers.protocol import GenParams
 
 RECHECK = "1 + 1 = 2\n\n\\boxed{1}\n\nWait, recheck:\n\n1 + 1 = 2 so \\boxed{2}"
 
