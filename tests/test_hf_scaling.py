@@ -181,3 +181,23 @@ def test_vectorised_ngram_lookup_equals_its_definition_as_rows_grow() -> None:
             want = lookup_reference(row.ids + row.generated, k, n_min, n_max) if k > 0 else []
             assert proposer.propose([row]) == [want]
             row.generated.append(rng.randrange(vocab))
+
+
+async def test_specreason_decode_writes_specreason_text_with_speculation_in_the_large_worker() -> None:
+    """``arith/specreason-decode`` (SpecReason+Decode): the large model's rewrites go through token-level SD
+    inside its worker, which is lossless, so the text and the step decisions are ``arith/specreason``'s."""
+    from orchestrator import Orchestrator, load_config
+
+    problems = ["53 + 51 - 6 + 20", "30 - 25 + 37 + 5 - 25"]
+    runs = {}
+    for name in ("arith/specreason", "arith/specreason-decode"):
+        orch = Orchestrator(load_config(name, ["sampling.max_tokens=160"]))
+        try:
+            results = await orch.asolve_batch(problems, concurrency=len(problems))
+            stats = await orch.models["large"].worker.stats()
+        finally:
+            await orch.aclose()
+        runs[name] = ([r.text for r in results], [[s.accepted for s in r.segments] for r in results], stats)
+    plain, decode = runs["arith/specreason"], runs["arith/specreason-decode"]
+    assert decode[:2] == plain[:2] and any(not a for steps in plain[1] for a in steps)  # some steps rewritten
+    assert plain[2].spec_proposed_tokens == 0 and decode[2].spec_accepted_tokens > 0
