@@ -304,8 +304,8 @@ class VLLMWorker:
         check_sample_reads(n, sample, draws, candidates, len(self.tokenizer), fuse)
         prompt = id_list(prefix_ids) + list(continuation_ids)
         # a sampled draw or a fused read needs whole rows (kept in this process); a greedy one the rank-1 token
-        draw = sample is not None and (not sample.greedy or fuse is not None)
-        full = full_dists or entropies or draw
+        reads_rows = sample is not None and (not sample.greedy or fuse is not None)
+        full = full_dists or entropies or reads_rows
         ranks = max(top_k, 1 if sample is not None else 0)
         sp = SamplingParams(
             max_tokens=1,
@@ -313,7 +313,7 @@ class VLLMWorker:
             detokenize=False,
             flat_logprobs=True,
             prompt_logprobs=(-1 if full else ranks) if n else None,
-            logprobs=-1 if full_next or draw else None,
+            logprobs=-1 if full_next or reads_rows else None,
             skip_reading_prefix_cache=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
@@ -337,7 +337,7 @@ class VLLMWorker:
             scores.logprobs.append(lps[0])
             if top_k:
                 top.append(dict(zip(ids[1 : top_k + 1], lps[1 : top_k + 1])))
-            if sample is not None and not draw:
+            if sample is not None and not reads_rows:
                 best.append(ids[1])
             if full:
                 dense.append(_dense(ids[1:], lps[1:]))
@@ -348,12 +348,12 @@ class VLLMWorker:
             scores.entropies = (-(rows.exp() * rows).nan_to_num().sum(-1)).tolist() if dense else []
         if full_dists:
             scores.dists = rows.tolist()
-        if full_next or draw:
+        if full_next or reads_rows:
             next_row = _dense_row(out.outputs[0].logprobs, 0)
             if full_next:
                 scores.next_logprobs = next_row.tolist()
         if sample is not None:
-            if draw:
+            if reads_rows:
                 all_rows = torch.cat([rows, next_row[None]]) if dense else next_row[None]
                 fill_sample_reads(scores, all_rows, continuation_ids, sample, draws, candidates, fuse)
             else:  # greedy: the engine's own (temperature 0) next token is the argmax after the continuation
