@@ -10,8 +10,10 @@ queued to it; it serves them in shared forward passes:
 - **decode rounds**: active generations are stacked into one batched KV cache and
   decoded together for up to ``round_steps`` steps, or until all stop; new
   arrivals join at the next round. The batched cache is kept from round to round
-  while its rows stay the same (a prefill's batch goes on decoding as it is), so
-  a long generation is not copied whole every round: only when rows join or leave.
+  (a prefill's batch goes on decoding as it is) and changes in place: a row that
+  leaves frees its slot, a row that joins is copied into a free one (or one added
+  after the last), so a long generation is not copied when others come and go;
+  the batch is rebuilt only when holes or free slots waste too much of it.
   A row that finishes is answered at once (its KV sliced out of the round's
   cache), not at the round's end: its caller's next request is queued while
   the others decode, and it ends the round after ``round_steps``.
@@ -67,7 +69,9 @@ class GrowingLayer(DynamicLayer):
     ``DynamicLayer`` concatenates on every update, copying the whole cache for each
     decoded token (O(context) per token). This layer keeps a buffer with
     ``HEADROOM`` spare positions, doubling it when full, and exposes the filled part
-    as a view, so a decode step costs O(new positions). Cached KV handed to it is
+    as a view, so a decode step costs O(new positions). Rows work the same way: the
+    buffer may hold more rows than are in use, so a batch that gains rows
+    (``add_rows``) copies nothing while there is room. Cached KV handed to it is
     copied once into its own buffer, unless the caller lets it ``adopt`` the
     buffer that KV is a leading view of: then it writes on from there, in place
     (the caller has made sure nothing else reads or writes past that point).
@@ -81,19 +85,34 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
             self._k = self._v = None
             self._n = 0
-        n, add = self._n, key_states.shape[-2]
+        b, n, add = key_states.shape[0], self._n, key_states.shape[-2]
         if self._k is None or n + add > self._k.shape[-2]:
-            room = max(n + add + self.HEADROOM, 2 * n)
-            k = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
-            v = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
-            if n:
-                k[..., :n, :], v[..., :n, :] = self._k[..., :n, :], self._v[..., :n, :]
-            self._k, self._v = k, v
-        self._k[..., n : n + add, :] = key_states
-        self._v[..., n : n + add, :] = value_states
+            rows = b if self._k is None else self._k.shape[0]
+            self._regrow(rows, max(n + add + self.HEADROOM, 2 * n), key_states)
+        self._k[:b, :, n : n + add] = key_states
+        self._v[:b, :, n : n + add] = value_states
         self._n = n + add
-        self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+        self.keys, self.values = self._k[:b, :, : self._n], self._v[:b, :, : self._n]
         return self.keys, self.values
+
+    def add_rows(self, extra: int) -> None:
+        """``extra`` more rows after those in use, their positions unset (the caller fills the filled part).
+
+        The buffer's rows double when full, so a batch that keeps gaining rows is copied O(log) times.
+        """
+        b = self.keys.shape[0]
+        if b + extra > self._k.shape[0]:
+            self._regrow(max(b + extra, 2 * b), self._k.shape[-2], self.keys)
+        self.keys, self.values = self._k[: b + extra, :, : self._n], self._v[: b + extra, :, : self._n]
+
+    def _regrow(self, rows: int, room: int, like: torch.Tensor) -> None:
+        """A new buffer of ``rows`` x ``room``, holding what the rows in use have filled."""
+        shape = (rows, like.shape[1], room, like.shape[-1])
+        k, v = like.new_empty(shape), like.new_empty(shape)
+        if self._k is not None and self._n:
+            b = self.keys.shape[0]
+            k[:b, :, : self._n], v[:b, :, : self._n] = self.keys, self.values
+        self._k, self._v = k, v
 
     def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """Go on in the buffer ``keys`` / ``values`` are leading views of, without copying; False if they are not."""
@@ -135,28 +154,57 @@ def growing_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     return cache
 
 
+def _buffers(ref: torch.Tensor, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised K and V buffers like ``ref``'s for ``rows`` rows of ``width`` positions and ``HEADROOM`` more.
+
+    The caller fills the first ``width`` positions of every row (finite values: a masked position is still
+    multiplied by its zero weight); the cache's own updates write the rest before anything reads them.
+    """
+    shape = (rows, ref.shape[1], width + GrowingLayer.HEADROOM, ref.shape[3])
+    return ref.new_empty(shape), ref.new_empty(shape)
+
+
+def _adopted(buffers: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> Cache:
+    """A cache that writes on in ``buffers`` (one pair per layer) after their first ``width`` positions."""
+    return growing_cache([(k[:, :, :width], v[:, :, :width]) for k, v in buffers], adopt=True)
+
+
 def stack_kv(kvs: list[KV | None], width: int, adopt: bool = False) -> Cache:
     """Rows' caches left-padded to ``width`` in one batched cache (empty when nothing is cached).
 
-    Each row is copied once, into the batched cache's own buffer; a single row may instead ``adopt``
-    the buffer its cache is a view of.
+    Each row is copied once, into the batched cache's own buffer (zeros in its padding); a single row
+    may instead ``adopt`` the buffer its cache is a view of.
     """
     ref = next((kv for kv in kvs if kv is not None), None)
     if ref is None or width == 0:
         return growing_cache()
     if len(kvs) == 1 and kvs[0][0][0].shape[2] == width:
         return growing_cache(kvs[0], adopt=adopt)
-    layers = []
+    buffers = []
     for layer, (k0, _) in enumerate(ref):
-        keys = k0.new_zeros((len(kvs), k0.shape[1], width, k0.shape[3]))
-        values = torch.zeros_like(keys)
+        keys, values = _buffers(k0, len(kvs), width)
         for i, kv in enumerate(kvs):
-            if kv is not None:
-                k, v = kv[layer]
-                keys[i, :, width - k.shape[2] :] = k[0]
-                values[i, :, width - v.shape[2] :] = v[0]
-        layers.append((keys, values))
-    return growing_cache(layers)
+            p = 0 if kv is None else kv[layer][0].shape[2]
+            keys[i, :, : width - p].zero_()
+            values[i, :, : width - p].zero_()
+            if p:
+                keys[i, :, width - p : width] = kv[layer][0][0]
+                values[i, :, width - p : width] = kv[layer][1][0]
+        buffers.append((keys, values))
+    return _adopted(buffers, width)
+
+
+def gather_kv(cache: Cache, rows: list[int], start: int) -> Cache:
+    """Rows ``rows`` of a batched cache from position ``start`` on, copied once into a cache of their own."""
+    width = cache.layers[0].keys.shape[2] - start
+    buffers = []
+    for lay in cache.layers:
+        keys, values = _buffers(lay.keys, len(rows), width)
+        for j, i in enumerate(rows):
+            keys[j, :, :width] = lay.keys[i, :, start:]
+            values[j, :, :width] = lay.values[i, :, start:]
+        buffers.append((keys, values))
+    return _adopted(buffers, width)
 
 
 def unstack_kv(cache: Cache, mask: torch.Tensor, rows: list[int] | None = None) -> list[KV]:
@@ -238,18 +286,23 @@ class _Request:
 class _Batch:
     """Rows decoding together: one batched cache, its padding-and-holes mask, each row's length.
 
-    Kept by the engine from one round to the next while its rows stay the same
-    (``HFWorker._hold``), so a long request is not re-stacked (copied whole) every
-    round; rows get their own caches back only when the batch changes.
+    Kept by the engine from one round to the next (``HFWorker._hold``), so a long request is not
+    re-stacked (copied whole) every round, nor when other rows come and go: a row that leaves frees
+    its slot (None), a row that joins is copied into a free slot (``HFWorker._joined``); only when
+    that cannot be done, or free slots and holes waste too much of the cache, is it rebuilt.
     """
 
-    rows: tuple[_Request, ...]  # a snapshot: the engine's own lists of active rows change under it
+    rows: list[_Request | None]  # the cache's rows in order; None: a free slot
     cache: Cache
     mask: torch.Tensor
     lengths: torch.Tensor
 
-    def serves(self, rows: list[_Request]) -> bool:
-        return len(rows) == len(self.rows) and all(a is b for a, b in zip(rows, self.rows))
+    def live(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is not None]
+
+    def free(self, i: int) -> None:
+        self.rows[i] = None
+        self.mask[i] = 0
 
 
 class HFWorker:
@@ -551,7 +604,7 @@ class HFWorker:
         cache = stack_kv([kv for kv, _ in rows], P, adopt=adopt)
         k = max(keep)  # rows are right-aligned: the last k positions cover every row's reads
         logits = self._run_model(input_ids, mask, positions, cache, k)
-        batch = _Batch((), cache, mask, torch.tensor(pasts) + torch.tensor(news))
+        batch = _Batch([], cache, mask, torch.tensor(pasts) + torch.tensor(news))
         return [logits[i, k - m :] for i, m in enumerate(keep)], unstack_kv(cache, mask), batch
 
     def _run_model(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
@@ -618,8 +671,11 @@ class HFWorker:
                     self._finish(r)
                 else:
                     still_active.append(r)
-        if self._held is None and len(still_active) == len(reqs):  # every row decodes on: the pass's batch goes on
-            batch.rows = tuple(still_active)
+        if self._held is None and still_active:  # the pass's batch goes on decoding, answered rows' slots free
+            batch.rows = list(reqs)
+            for i, r in enumerate(reqs):
+                if r not in still_active:
+                    batch.free(i)
             self._hold(batch)
         return still_active
 
@@ -731,34 +787,95 @@ class HFWorker:
         hits = [s for s in r.params.stop if s in tail]
         return min(hits, key=tail.find) if hits else None
 
-    #: Share of a held batch's cache that may be padding or rejected proposals' holes before it is compacted.
+    #: Share of a held batch's cache that may be holes (rejected proposals) or free slots before it is rebuilt.
     MAX_HOLES = 0.25
 
     def _hold(self, batch: _Batch) -> None:
-        """Keep ``batch`` for the next round, unless holes make it wasteful to attend over."""
-        if float(batch.mask.float().mean()) >= 1 - self.MAX_HOLES:
-            self._held = batch
-        else:
+        """Keep ``batch`` for the next round, unless what it wastes would cost more than rebuilding it.
+
+        Two kinds of waste, each allowed up to ``MAX_HOLES``: holes inside live rows (rejected proposals),
+        which only restacking removes (the rows get their own caches back, to be stacked afresh); and free
+        slots with the positions no live row attends any more, squeezed out by one copy of the live rows
+        (``gather_kv``). A row's left padding is no waste: every layout of rows of different lengths has it.
+        """
+        live = batch.live()
+        mask = batch.mask[live]
+        B, W = batch.mask.shape
+        first = mask.argmax(1)  # each live row's first position
+        span = W - first
+        if float((span - mask.sum(1)).sum()) > self.MAX_HOLES * float(span.sum()):
             self._release(batch)
+            return
+        start = int(first.min())
+        if len(live) * (W - start) >= (1 - self.MAX_HOLES) * B * W:
+            self._held = batch
+            return
+        t0 = time.perf_counter()
+        self._held = _Batch([batch.rows[i] for i in live], gather_kv(batch.cache, live, start),
+                            mask[:, start:].clone(), batch.lengths[live])
+        spent = time.perf_counter() - t0
+        for r in self._held.rows:
+            r.clock.decode_s += spent
 
     def _release(self, batch: _Batch) -> None:
-        """Give ``batch``'s rows their own caches again (the batch is about to change)."""
-        for r, kv in zip(batch.rows, unstack_kv(batch.cache, batch.mask)):
-            r.kv = kv
+        """Give ``batch``'s live rows their own caches again (it is about to be rebuilt)."""
+        live = batch.live()
+        if live:
+            for i, kv in zip(live, unstack_kv(batch.cache, batch.mask[live], rows=live)):
+                batch.rows[i].kv = kv
+
+    def _joined(self, held: _Batch, active: list[_Request]) -> _Batch | None:
+        """``held`` serving exactly ``active``, or None where it cannot.
+
+        Its rows not in ``active`` (cancelled) free their slots; each new row (its own KV, from a prefill)
+        is copied into a free slot, or one added after the last, right-aligned with the batch's last
+        position: O(new rows), where stacking afresh copies every row. None when a new row is longer
+        than the batch or no row of it is left.
+        """
+        wanted = set(active)
+        for i in held.live():
+            if held.rows[i] not in wanted:
+                held.free(i)
+        placed = set(held.rows)
+        new = [r for r in active if r not in placed]
+        width = held.mask.shape[1]
+        if len(new) == len(active) or any(r.kv[0][0].shape[2] > width for r in new):
+            return None
+        free = [i for i, r in enumerate(held.rows) if r is None]
+        extra = len(new) - len(free)
+        if extra > 0:  # slots after the last (``GrowingLayer.add_rows``)
+            for lay in held.cache.layers:
+                lay.add_rows(extra)
+            free += range(len(held.rows), len(held.rows) + extra)
+            held.rows += [None] * extra
+            held.mask = torch.cat([held.mask, held.mask.new_zeros((extra, width))])
+            held.lengths = torch.cat([held.lengths, held.lengths.new_zeros(extra)])
+        for i, r in zip(free, new):
+            p = r.kv[0][0].shape[2]
+            for lay, (k, v) in zip(held.cache.layers, r.kv):
+                lay.keys[i, :, : width - p] = 0  # finite: a masked position still meets its zero weight
+                lay.values[i, :, : width - p] = 0
+                lay.keys[i, :, width - p :] = k[0]
+                lay.values[i, :, width - p :] = v[0]
+            held.mask[i, width - p :] = 1
+            held.lengths[i] = p
+            held.rows[i], r.kv = r, None
+        return held
 
     def _batch(self, active: list[_Request]) -> _Batch:
-        """The round's batch: the held one when it serves exactly ``active``, else ``active`` stacked afresh."""
+        """The round's batch: the held one serving ``active`` (``_joined``), else ``active`` stacked afresh."""
         held, self._held = self._held, None
-        if held is not None and held.serves(active):
-            return held
         if held is not None:
+            batch = self._joined(held, active)
+            if batch is not None:
+                return batch
             self._release(held)
         pasts = [r.kv[0][0].shape[2] for r in active]
         P = max(pasts)
         mask = torch.zeros((len(active), P), dtype=torch.long)
         for i, p in enumerate(pasts):
             mask[i, P - p :] = 1
-        return _Batch(tuple(active), stack_kv([r.kv for r in active], P), mask, torch.tensor(pasts))
+        return _Batch(list(active), stack_kv([r.kv for r in active], P), mask, torch.tensor(pasts))
 
     def _decode_round(self, active: list[_Request]) -> list[_Request]:
         """Decode ``active`` together for up to ``round_steps`` steps (more if nobody waits).
@@ -769,28 +886,30 @@ class HFWorker:
         """
         t_step = time.perf_counter()
         batch = self._batch(active)
-        cache, mask, lengths = batch.cache, batch.mask, batch.lengths
-        B = len(active)
-        alive = [True] * B
+        rows, cache, mask, lengths = batch.rows, batch.cache, batch.mask, batch.lengths
+        B = len(rows)
+        alive = [r is not None for r in rows]
         steps = 0
         while True:
-            rows_prop: list[list[int]] = [[] for _ in active]
+            rows_prop: list[list[int]] = [[] for _ in rows]
             if self.speculator is not None:
                 live = [i for i in range(B) if alive[i]]
-                for i, prop in zip(live, self.speculator.propose([active[i] for i in live])):
+                for i, prop in zip(live, self.speculator.propose([rows[i] for i in live])):
                     rows_prop[i] = prop
             K = 1 + max(len(p) for p in rows_prop)
             tokens = torch.full((B, K), self.pad_id, dtype=torch.long)
             new_mask = torch.zeros((B, K), dtype=torch.long)
-            for i, (r, prop) in enumerate(zip(active, rows_prop)):
+            for i, (r, prop) in enumerate(zip(rows, rows_prop)):
+                if not alive[i]:  # a free slot, or a row done this round: a pad that attends only itself
+                    continue
                 fed = [r.generated[-1]] + prop
                 tokens[i, : len(fed)] = torch.tensor(fed)
-                new_mask[i, : len(fed)] = int(alive[i])
+                new_mask[i, : len(fed)] = 1
             positions = lengths[:, None] + torch.arange(K)[None, :]
             col0 = mask.shape[1]
             mask = torch.cat([mask, new_mask], 1)
             logits = self._run_model(tokens, mask, positions, cache)
-            for i, (r, prop) in enumerate(zip(active, rows_prop)):
+            for i, (r, prop) in enumerate(zip(rows, rows_prop)):
                 if not alive[i]:
                     continue
                 r.forward_passes += 1
@@ -808,7 +927,7 @@ class HFWorker:
                 mask[i, col0 + emitted :] = 0
                 lengths[i] += emitted
             now = time.perf_counter()
-            for i, r in enumerate(active):  # the step (the round's stacking with the first) counts for rows in it
+            for i, r in enumerate(rows):  # the step (the round's stacking with the first) counts for rows in it
                 if not alive[i]:
                     continue
                 r.clock.decode_s += now - t_step
@@ -822,17 +941,14 @@ class HFWorker:
             if (not any(alive) or (steps >= self.round_steps and not self._queue.empty())
                     or steps >= 4 * self.round_steps or self._closed):
                 break
-        still = [i for i in range(B) if alive[i]]
-        if len(still) == B:  # the same rows go on: keep their batch rather than take it apart
-            self._hold(_Batch(tuple(active), cache, mask, lengths))
-            return active
-        t0 = time.perf_counter()  # taking each row's KV out of the round's cache is its own work
-        kvs = unstack_kv(cache, mask[still], rows=still) if still else []
-        spent = time.perf_counter() - t0
-        for i, kv in zip(still, kvs):
-            active[i].kv = kv
-            active[i].clock.decode_s += spent
-        return [active[i] for i in still]
+        batch.mask = mask
+        for i in range(B):
+            if not alive[i] and rows[i] is not None:  # done or cancelled: its slot is free for a row that joins
+                batch.free(i)
+        still = [r for r in rows if r is not None]
+        if still:  # the batch goes on, however its rows change (``_joined``)
+            self._hold(batch)
+        return still
 
     def run_sync(self, reqs: list[_Request]) -> None:
         """Serve ``reqs`` to completion in the calling thread (a draft model inside another worker's engine)."""
