@@ -15,6 +15,8 @@
    8-token score calls on the large arith model, in this process and in a child process,
    each call's wall time minus the worker's own account of it (queue, prefill, decode):
    what the thread and process hops add per call.
+6. Churn: LargeOnly on 48 arith problems at concurrency 16, so rows keep joining the
+   decode batch as others leave (problems/s, tokens/s): what changing the batch costs.
 
 Ratios are taken within one run on one machine; absolute numbers depend on load.
 """
@@ -76,6 +78,21 @@ async def batching(n: int = 32) -> dict:
         await orch.aclose()
     out["speedup"] = out[f"concurrency_{n}_problems_per_s"] / out["concurrency_1_problems_per_s"]
     return out
+
+
+async def churn(n: int = 48, concurrency: int = 16) -> dict:
+    problems = load_dataset("arith", limit=n)
+    orch = Orchestrator(load_config("arith/large-only"))
+    await orch.start()
+    try:
+        t = time.perf_counter()
+        results = await orch.asolve_batch([p.problem for p in problems], concurrency=concurrency,
+                                          ids=[p.id for p in problems])
+        wall = time.perf_counter() - t
+    finally:
+        await orch.aclose()
+    tokens = sum(r.metrics.tokens.get("large", 0) for r in results)
+    return {"problems": n, "concurrency": concurrency, "problems_per_s": n / wall, "tokens_per_s": tokens / wall}
 
 
 async def decode_speed(tokens: int = 64) -> dict:
@@ -173,11 +190,13 @@ async def main(which: list[str]) -> None:
         results["call_overhead"] = await call_overhead()
     if "handoff" in which:
         results["handoff"] = await handoff()
+    if "churn" in which:
+        results["churn"] = await churn()
     print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", default=["decode", "kv", "batching", "overhead", "handoff"],
-                    choices=["decode", "kv", "batching", "overhead", "handoff"])
+    ap.add_argument("--only", nargs="+", default=["decode", "kv", "batching", "overhead", "handoff", "churn"],
+                    choices=["decode", "kv", "batching", "overhead", "handoff", "churn"])
     asyncio.run(main(ap.parse_args().only))
