@@ -66,21 +66,8 @@ async def kv_reuse(path: str, context_tokens: int = 1000, step: int = 20, reps: 
         await w.close()
 
 
-async def batching(n: int = 32) -> dict:
-    problems = load_dataset("arith", limit=n)
-    out = {}
-    for conc in (1, n):
-        orch = Orchestrator(load_config("arith/large-only"))
-        await orch.start()
-        t = time.perf_counter()
-        await orch.asolve_batch([p.problem for p in problems], concurrency=conc, ids=[p.id for p in problems])
-        out[f"concurrency_{conc}_problems_per_s"] = n / (time.perf_counter() - t)
-        await orch.aclose()
-    out["speedup"] = out[f"concurrency_{n}_problems_per_s"] / out["concurrency_1_problems_per_s"]
-    return out
-
-
-async def churn(n: int = 48, concurrency: int = 16) -> dict:
+async def _large_only(n: int, concurrency: int) -> tuple[float, list]:
+    """Wall time and results of LargeOnly on the first ``n`` arith problems at ``concurrency``."""
     problems = load_dataset("arith", limit=n)
     orch = Orchestrator(load_config("arith/large-only"))
     await orch.start()
@@ -88,9 +75,22 @@ async def churn(n: int = 48, concurrency: int = 16) -> dict:
         t = time.perf_counter()
         results = await orch.asolve_batch([p.problem for p in problems], concurrency=concurrency,
                                           ids=[p.id for p in problems])
-        wall = time.perf_counter() - t
+        return time.perf_counter() - t, results
     finally:
         await orch.aclose()
+
+
+async def batching(n: int = 32) -> dict:
+    out = {}
+    for conc in (1, n):
+        wall, _ = await _large_only(n, conc)
+        out[f"concurrency_{conc}_problems_per_s"] = n / wall
+    out["speedup"] = out[f"concurrency_{n}_problems_per_s"] / out["concurrency_1_problems_per_s"]
+    return out
+
+
+async def churn(n: int = 48, concurrency: int = 16) -> dict:
+    wall, results = await _large_only(n, concurrency)
     tokens = sum(r.metrics.tokens.get("large", 0) for r in results)
     return {"problems": n, "concurrency": concurrency, "problems_per_s": n / wall, "tokens_per_s": tokens / wall}
 

@@ -172,8 +172,8 @@ def _adopted(buffers: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> Ca
 def stack_kv(kvs: list[KV | None], width: int, adopt: bool = False) -> Cache:
     """Rows' caches left-padded to ``width`` in one batched cache (empty when nothing is cached).
 
-    Each row is copied once, into the batched cache's own buffer (zeros in its padding); a single row
-    may instead ``adopt`` the buffer its cache is a view of.
+    Each row is copied once, into the batched cache's own buffer (``write_row``); a single row may
+    instead ``adopt`` the buffer its cache is a view of.
     """
     ref = next((kv for kv in kvs if kv is not None), None)
     if ref is None or width == 0:
@@ -184,14 +184,21 @@ def stack_kv(kvs: list[KV | None], width: int, adopt: bool = False) -> Cache:
     for layer, (k0, _) in enumerate(ref):
         keys, values = _buffers(k0, len(kvs), width)
         for i, kv in enumerate(kvs):
-            p = 0 if kv is None else kv[layer][0].shape[2]
-            keys[i, :, : width - p].zero_()
-            values[i, :, : width - p].zero_()
-            if p:
-                keys[i, :, width - p : width] = kv[layer][0][0]
-                values[i, :, width - p : width] = kv[layer][1][0]
+            write_row(keys, values, i, None if kv is None else kv[layer], width)
         buffers.append((keys, values))
     return _adopted(buffers, width)
+
+
+def write_row(keys: torch.Tensor, values: torch.Tensor, i: int, kv: tuple[torch.Tensor, torch.Tensor] | None,
+              width: int) -> None:
+    """Row ``i`` of a batched layer: one row's ``kv`` (None: nothing cached) right-aligned to end at ``width``,
+    zeros before it (finite: a masked position is still multiplied by its zero weight)."""
+    p = 0 if kv is None else kv[0].shape[2]
+    keys[i, :, : width - p] = 0
+    values[i, :, : width - p] = 0
+    if p:
+        keys[i, :, width - p : width] = kv[0][0]
+        values[i, :, width - p : width] = kv[1][0]
 
 
 def gather_kv(cache: Cache, rows: list[int], start: int) -> Cache:
@@ -672,9 +679,9 @@ class HFWorker:
                 else:
                     still_active.append(r)
         if self._held is None and still_active:  # the pass's batch goes on decoding, answered rows' slots free
-            batch.rows = list(reqs)
+            batch.rows, going_on = list(reqs), set(still_active)
             for i, r in enumerate(reqs):
-                if r not in still_active:
+                if r not in going_on:
                     batch.free(i)
             self._hold(batch)
         return still_active
@@ -851,12 +858,9 @@ class HFWorker:
             held.mask = torch.cat([held.mask, held.mask.new_zeros((extra, width))])
             held.lengths = torch.cat([held.lengths, held.lengths.new_zeros(extra)])
         for i, r in zip(free, new):
+            for lay, kv in zip(held.cache.layers, r.kv):
+                write_row(lay.keys, lay.values, i, kv, width)
             p = r.kv[0][0].shape[2]
-            for lay, (k, v) in zip(held.cache.layers, r.kv):
-                lay.keys[i, :, : width - p] = 0  # finite: a masked position still meets its zero weight
-                lay.values[i, :, : width - p] = 0
-                lay.keys[i, :, width - p :] = k[0]
-                lay.values[i, :, width - p :] = v[0]
             held.mask[i, width - p :] = 1
             held.lengths[i] = p
             held.rows[i], r.kv = r, None
