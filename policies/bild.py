@@ -16,7 +16,8 @@ has them, in this package's draft-and-verify loop:
   (the fallback token, or the token after ``draft_tokens`` small ones).
 - Generation starts with the large model (``large_first``, as in the code).
 
-So one round is one small ``generate`` (asked for the top-1 logprob of each token)
+So one round is one small ``generate`` (asked for the top-1 logprob of each token,
+ending in the small model's worker at the token it falls back on: ``GenParams.stop_below``)
 and one large ``score``: the rollback check and the large token come from the same
 pass (``Scores.sampled``), and no distribution crosses the protocol.
 
@@ -70,7 +71,9 @@ class BiLD(DraftVerifyPolicy):
         p = self.params
         if p.large_first and session.accepted_tokens == 0:  # the large model opens: an empty window
             return Generation(token_ids=[], text="", finish_reason="length")
-        g = await session.generate("small", ids=ids, max_tokens=min(p.draft_tokens, session.budget_left), logprobs=1)
+        # the small model stops in its worker at the token it falls back on: nothing after it is drafted
+        g = await session.generate("small", ids=ids, max_tokens=min(p.draft_tokens, session.budget_left), logprobs=1,
+                                   stop_below=p.fallback_threshold or None)
         probs = [top_probability(lp) for lp in g.logprobs or []]
         n = fallback_point(probs, p.fallback_threshold)
         if n < len(g.token_ids):

@@ -30,6 +30,10 @@ class DraftVerifyParams(PolicyParams):
     pipeline: bool | None = Field(None, description="draft the next round while this one is verified (see "
                                                   "DraftVerifyPolicy.run); None: when the two engines can work at once "
                                                   "(policies.base.engines_apart)")
+    draft_confidence: float | None = Field(
+        None, gt=0, lt=1, description="end a draft after a token whose small-model top-1 probability is under this "
+                                      "(GenParams.stop_below: the small model stops in its worker where it doubts "
+                                      "itself, as HF's assistant_confidence_threshold); None: always draft_tokens")
 
 
 class SerialDraftParams(DraftVerifyParams):
@@ -37,6 +41,7 @@ class SerialDraftParams(DraftVerifyParams):
     a draft made ahead and thrown away would leave them behind, so rounds run one after another."""
 
     pipeline: Literal[False] = Field(False, description="this policy drafts round by round")
+    draft_confidence: Literal[None] = Field(None, description="this policy's drafts follow rules of their own")
 
 
 def cut(session: Session, draft: Generation, n: int) -> Generation:
@@ -96,11 +101,20 @@ class DraftVerifyPolicy(Policy):
         the draft (``cut``) before it is verified; only what is returned counts as proposed.
         """
         return await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left),
-                                      **self.draft_reads(session))
+                                      **self.draft_call(session))
 
     def draft_reads(self, session: Session) -> dict[str, Any]:
         """What a draft call reads besides its tokens (lossless sampling: q at each drawn token)."""
         return {}
+
+    def draft_call(self, session: Session) -> dict[str, Any]:
+        """A draft call's parameters besides its length: its reads and where it stops short (``draft_confidence``).
+
+        The stop reads only the small model's own distribution at each position, so it
+        keeps lossless verification lossless.
+        """
+        stop = {} if self.params.draft_confidence is None else {"stop_below": self.params.draft_confidence}
+        return {**self.draft_reads(session), **stop}
 
     async def round(self, session: Session, ids: Sequence[int]) -> tuple[Generation, int, int | None]:
         """One round: (the proposal, how many of its tokens are kept, the large model's next token or None).
@@ -137,7 +151,7 @@ class DraftVerifyPolicy(Policy):
             return None
         return asyncio.ensure_future(session.generate(
             "small", ids=joined(ids, draft.token_ids), max_tokens=min(self.params.draft_tokens + 1, room),
-            **self.draft_reads(session)))
+            **self.draft_call(session)))
 
     def pipelined(self, session: Session) -> bool:
         """Whether rounds overlap: ``pipeline``, by default when the two engines can work at once."""

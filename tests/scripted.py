@@ -122,7 +122,7 @@ class TableWorker(_Base):
             if params.logprobs is not None:  # as the hf backend reports them: raw log-softmax, top-k by rank
                 lp = torch.log_softmax(row, -1)
                 lps.append(TokenLogprob(token_id=tok, logprob=float(lp[tok]), top=_top(lp, params.logprobs)))
-            if tok == EOS:
+            if tok == EOS or params.stop_below is not None and float(torch.softmax(row, -1).max()) < params.stop_below:
                 break
         return Generation(token_ids=out, text="", finish_reason="eos" if out[-1] == EOS else "length",
                           logprobs=lps if params.logprobs is not None else None,

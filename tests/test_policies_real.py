@@ -43,6 +43,19 @@ async def test_speculative_greedy_equals_large_only(pair):
     assert sum(r.metrics.accepted for r in sd) > 0
 
 
+async def test_drafts_that_stop_where_the_small_model_doubts_keep_speculation_lossless(pair):
+    """``policy.draft_confidence``: the small model ends a draft in its worker at a token it doubts. The text is
+    still LargeOnly's, token for token; the small model writes fewer tokens, in more (shorter) rounds."""
+    base = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
+    full = await solve_all(pair, "arith-v1/speculative", PROBLEMS)
+    short = await solve_all(pair, "arith-v1/speculative", PROBLEMS, ["policy.draft_confidence=0.9"])
+    assert [r.text for r in short] == [r.text for r in base]
+    drafted = [sum(r.metrics.tokens["small"] for r in rs) for rs in (full, short)]
+    rounds = [sum(r.metrics.calls["small"] for r in rs) for rs in (full, short)]
+    assert drafted[1] < drafted[0] and rounds[1] > rounds[0]
+    assert drafted[1] / rounds[1] < drafted[0] / rounds[0]
+
+
 async def test_consultant_limits(pair):
     large = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
     small = await solve_all(pair, "arith-v1/small-only", PROBLEMS)

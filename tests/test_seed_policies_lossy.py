@@ -349,6 +349,15 @@ async def test_policy_runs_records_and_meets_its_limit(pair, large_only, config,
     assert [r.text for r in limit] == large_only
 
 
+async def test_bild_small_model_drafts_nothing_past_its_fallback_token(pair):
+    """The small model stops in its worker at the token BiLD falls back on (``GenParams.stop_below``): every token it
+    writes is proposed or is that fallback token, none is made only to be thrown away."""
+    results = await solve(pair, "arith-v1/bild")
+    fallbacks = sum(s.tokens for r in results for s in r.segments if (s.note or "").startswith("fallback"))
+    assert fallbacks > 0
+    assert sum(r.metrics.tokens["small"] for r in results) == sum(r.metrics.proposed for r in results) + fallbacks
+
+
 async def test_easd_samples_on_real_models_without_moving_rows(pair):
     """Under sampling the gate and the test read entropies, top-N, p and q at a few tokens in the real workers."""
     results = await solve(pair, "arith-v1/easd", ["sampling.temperature=0.8", "sampling.seed=3",

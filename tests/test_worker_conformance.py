@@ -185,6 +185,32 @@ async def test_generation_logprobs_agree_with_score(small_worker, tok):
     assert all(x.token_id == t and len(x.top) >= 2 for x, t in zip(g.logprobs, g.token_ids))
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+async def test_a_generation_stops_right_after_the_first_token_its_model_doubts(small_worker, tok, temperature):
+    """``GenParams.stop_below``: the same tokens as without it, up to and with the first one at whose position
+    the model's top-1 probability is under the threshold; finish "length"; counted in the stats. Rows that stop
+    leave a batch whose other rows go on unchanged."""
+    params = dict(temperature=temperature, seed=7)
+    prompts = [ids_for(tok, p) for p in PROBLEMS[:3]]
+    refs = [await small_worker.generate(i, GenParams(max_tokens=12, logprobs=1, **params)) for i in prompts]
+    top1 = [[math.exp(max(lp.logprob, *lp.top.values())) for lp in r.logprobs] for r in refs]
+    # the least sure of the first 11 tokens of the first prompt (its first occurrence: every token before it is
+    # surer), and a threshold between its probability and the lowest one before it
+    stop_at = min(range(11), key=lambda i: top1[0][i])
+    threshold = (top1[0][stop_at] + min(top1[0][:stop_at], default=1.0)) / 2
+    before = (await small_worker.stats()).confidence_stops
+    got = await asyncio.gather(*(small_worker.generate(i, GenParams(max_tokens=12, stop_below=threshold, **params))
+                                 for i in prompts))
+    assert got[0].token_ids == refs[0].token_ids[: stop_at + 1] and got[0].finish_reason == "length"
+    assert got[0].text == tok.decode(got[0].token_ids, skip_special_tokens=True)
+    stops = 0
+    for r, p, g in zip(refs, top1, got):
+        n = next((i + 1 for i, q in enumerate(p) if q < threshold), len(p))
+        assert g.token_ids == r.token_ids[:n]
+        stops += n < len(r.token_ids)  # a doubted last token ends by its own reason (EOS, length) first
+    assert (await small_worker.stats()).confidence_stops - before == stops
+
+
 async def test_concurrent_requests_equal_sequential(small_worker, tok):
     prompts = [ids_for(tok, p) for p in PROBLEMS * 3]
     together = await asyncio.gather(*(small_worker.generate(i, GenParams(max_tokens=60)) for i in prompts))

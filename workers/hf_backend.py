@@ -46,7 +46,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.hf_fast_forward import FastForward
 from workers.prefix_cache import KV, PrefixCache, as_ids, block_hashes
-from workers.sampling import check_sample_reads, draw, fill_sample_reads, sampling_probs
+from workers.sampling import check_sample_reads, doubts, draw, fill_sample_reads, sampling_probs
 from workers.timing import BusyClock, CallClock, PhaseClock
 from workers.protocol import (
     CallTiming, Fusion, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerError, WorkerInfo, WorkerStats,
@@ -772,6 +772,9 @@ class HFWorker:
             r.done, r.finish = True, ("stop", hit)
         elif len(r.generated) >= r.params.max_tokens:
             r.done, r.finish = True, ("length", None)
+        elif r.params.stop_below is not None and doubts(logits, r.params.stop_below):
+            r.done, r.finish = True, ("length", None)
+            self._stats.confidence_stops += 1
         return tok
 
     def _piece(self, tok: int) -> str:

@@ -14,7 +14,7 @@ is only where the draft's network comes from:
 - **kangaroo**: the target's first ``exit_layer`` decoder layers (the very modules: no copy),
   one adapter layer (norm, self-attention, residual; no MLP), the adapter's final norm and the
   target's LM head. Drafting ends after a token whose top-1 probability is under the threshold
-  (Kangaroo's second early exit), so hard stretches cost short drafts.
+  (Kangaroo's second early exit, ``GenParams.stop_below``), so hard stretches cost short drafts.
 
   Kangaroo's paper reuses the draft's exited hidden states in the verifying pass (the target skips
   its first layers there). Here the draft keeps its own KV cache and the target's batched decode
@@ -34,44 +34,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from workers.hf_backend import HFWorker, _Request
+from workers.hf_backend import HFWorker
 from workers.protocol import WorkerStats, vocab_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from workers.hf_speculation import DraftProposer
 
 #: Kangaroo's defaults (inference_kangaroo.py and the README command): exit after layer 2, stop under 0.6.
 KANGAROO_EXIT_LAYER = 2
 KANGAROO_THRESHOLD = 0.6
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 ADAPTER_FORMAT = "reasonspec-kangaroo-adapter/1"
-
-
-class ConfidentDraft(HFWorker):
-    """A draft worker whose proposal ends after a token the draft itself doubts.
-
-    The check sits where every token is emitted (prefill and decode rounds alike), so a row that
-    stops leaves its batch at once and later draft steps are not computed for it. The doubted
-    token is still proposed: the target verifies it like the others (as in Kangaroo).
-    """
-
-    def __init__(self, *args: Any, stop_below: float | None = None, label: str | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.stop_below = stop_below
-        self.label = label or self.model_path  # what the draft is, for reports
-        self.early_stops = 0
-
-    def _accept_token(self, r: _Request, logits: torch.Tensor) -> int:
-        tok = super()._accept_token(r, logits)
-        if self.stop_below is not None and not r.done and stops_early(logits, self.stop_below):
-            r.done, r.finish = True, ("length", None)
-            self.early_stops += 1
-        return tok
-
-
-def stops_early(logits: torch.Tensor, threshold: float) -> bool:
-    """Kangaroo's second early exit: the draft's top-1 probability fell under ``threshold``."""
-    return float(torch.softmax(logits.float(), -1).max()) < threshold
 
 
 # ---------------------------------------------------------------- quantized (ML-SpecQD)
@@ -219,24 +194,27 @@ def load_adapter(folder: str | Path, target: HFWorker) -> KangarooAdapter:
 # ---------------------------------------------------------------- building and reporting
 
 
-def derived_draft(spec: Any, target: HFWorker) -> ConfidentDraft:
-    """The draft worker of ``speculative.method`` quantized or kangaroo, built from ``target``'s weights."""
+def derived_draft(spec: Any, target: HFWorker) -> DraftProposer:
+    """The proposer of ``speculative.method`` quantized or kangaroo, drafting with ``target``'s weights."""
+    from workers.hf_speculation import DraftProposer
+
     common = dict(device=str(target.device), kv_cache_tokens=target.cache.max_tokens, speculative=spec.draft)
+    k = spec.num_speculative_tokens
     if spec.method == "quantized":
         if spec.model:
             raise ValueError("speculative.method=quantized drafts with the target's own weights and takes no "
                              "model; a smaller draft below it goes in speculative.draft")
         model = quantized_copy(target.model, target.device, spec.quantize or "int8")
-        return ConfidentDraft(target.model_path, model=model, stop_below=spec.draft_confidence,
-                              label=f"{spec.quantize or 'int8'} copy of {target.model_path}", **common)
+        return DraftProposer(HFWorker(target.model_path, model=model, **common), k, stop_below=spec.draft_confidence,
+                             label=f"{spec.quantize or 'int8'} copy of {target.model_path}")
     if spec.method == "kangaroo":
         if not spec.model:
             raise ValueError("speculative.method=kangaroo needs speculative.model (the adapter folder)")
         model = self_draft(target.model, load_adapter(spec.model, target))
         stop = spec.draft_confidence if spec.draft_confidence is not None else KANGAROO_THRESHOLD
-        return ConfidentDraft(target.model_path, model=model, stop_below=stop,
-                              label=f"first {model.config.num_hidden_layers - 1} layers of {target.model_path} "
-                                    f"+ adapter {spec.model}", **common)
+        return DraftProposer(HFWorker(target.model_path, model=model, **common), k, stop_below=stop,
+                             label=f"first {model.config.num_hidden_layers - 1} layers of {target.model_path} "
+                                   f"+ adapter {spec.model}")
     raise ValueError(f"no derived draft for speculative.method={spec.method}")
 
 
@@ -244,18 +222,19 @@ def draft_levels(worker: HFWorker) -> list[dict]:
     """Per draft level below ``worker`` (one, or more for multi-level): how its drafts fared.
 
     ``drafts`` counts proposals, each verified in one pass of the level above (the draft serves
-    one request per proposal); ``accepted`` is what that level kept, from its own stats.
+    one request per proposal); ``accepted`` is what that level kept, from its own stats;
+    ``early_stops`` the proposals the draft ended where it doubted itself (``GenParams.stop_below``).
     """
     out, above = [], worker
-    while (draft := getattr(above.speculator, "draft", None)) is not None:
+    while (draft := getattr(proposer := above.speculator, "draft", None)) is not None:
         s: WorkerStats = above._stats
         drafts = draft._stats.requests
         out.append({
-            "draft": getattr(draft, "label", draft.model_path), "drafts": drafts,
+            "draft": proposer.label, "drafts": drafts,
             "proposed": s.spec_proposed_tokens, "accepted": s.spec_accepted_tokens,
             "acceptance": s.spec_accepted_tokens / s.spec_proposed_tokens if s.spec_proposed_tokens else 0.0,
             "accepted_per_draft": s.spec_accepted_tokens / drafts if drafts else 0.0,
-            "early_stops": getattr(draft, "early_stops", 0),
+            "early_stops": draft._stats.confidence_stops,
         })
         above = draft
     return out

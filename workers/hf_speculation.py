@@ -91,10 +91,16 @@ class _Tokens:
 
 
 class DraftProposer:
-    """A small model's greedy continuation of every row, in one batched synchronous call."""
+    """A small model's greedy continuation of every row, in one batched synchronous call.
 
-    def __init__(self, draft: HFWorker, k: int):
-        self.draft, self.k = draft, k
+    With ``stop_below`` a row's proposal ends after a token the draft doubts
+    (``GenParams.stop_below``): the row leaves the draft's batch at once, so hard stretches
+    cost short drafts; the doubted token is still proposed (as in Kangaroo).
+    """
+
+    def __init__(self, draft: HFWorker, k: int, stop_below: float | None = None, label: str | None = None):
+        self.draft, self.k, self.stop_below = draft, k, stop_below
+        self.label = label or draft.model_path  # what the draft is, for reports
 
     def propose(self, rows: list[_Request]) -> list[list[int]]:
         from workers.hf_backend import _Request
@@ -104,7 +110,7 @@ class DraftProposer:
             k = min(self.k, r.params.max_tokens - len(r.generated) - 1)
             if k > 0:
                 reqs.append(_Request("generate", np.concatenate([r.ids, as_ids(r.generated)]), None, None,
-                                     params=GenParams(max_tokens=k)))
+                                     params=GenParams(max_tokens=k, stop_below=self.stop_below)))
             else:
                 reqs.append(None)
         live = [q for q in reqs if q is not None]
@@ -115,7 +121,8 @@ class DraftProposer:
 
 def make_speculator(spec: Any, target: HFWorker) -> NgramProposer | DraftProposer:
     """Build the configured proposer, failing at start-up on what cannot work."""
-    from workers.hf_drafts import ConfidentDraft, derived_draft
+    from workers.hf_backend import HFWorker
+    from workers.hf_drafts import derived_draft
     from workers.protocol import vocab_fingerprint
 
     k = spec.num_speculative_tokens
@@ -124,14 +131,14 @@ def make_speculator(spec: Any, target: HFWorker) -> NgramProposer | DraftPropose
     if spec.method == "draft":
         if not spec.model:
             raise ValueError("speculative.method=draft needs speculative.model (the draft model's folder)")
-        draft = ConfidentDraft(spec.model, device=str(target.device), kv_cache_tokens=target.cache.max_tokens,
-                               speculative=spec.draft, stop_below=spec.draft_confidence)
+        draft = HFWorker(spec.model, device=str(target.device), kv_cache_tokens=target.cache.max_tokens,
+                         speculative=spec.draft)
         if vocab_fingerprint(draft.tokenizer) != vocab_fingerprint(target.tokenizer):
             raise ValueError(f"draft model {spec.model} has a different vocabulary from the target "
                              f"{target.model_path}; token-level speculation needs the same tokenizer")
-        return DraftProposer(draft, k)
+        return DraftProposer(draft, k, stop_below=spec.draft_confidence)
     if spec.method in ("quantized", "kangaroo"):
-        return DraftProposer(derived_draft(spec, target), k)
+        return derived_draft(spec, target)
     raise ValueError(f"speculative.method={spec.method} is not supported by the hf backend "
                      "(ngram, draft, quantized, kangaroo); "
                      "EAGLE heads run on the vllm backend")

@@ -39,6 +39,9 @@ class GenParams(_Msg):
     logprobs: int | None = Field(None, ge=0, description="top-k logprobs per generated token; 0 = sampled token only")
     sample_logprobs: bool = Field(False, description="each generated token's log-prob under the sampling "
                                   "distribution (temperature, top-k, top-p applied; non-greedy only)")
+    stop_below: float | None = Field(None, gt=0.0, le=1.0, description="end (finish 'length') after a token at "
+                                     "whose position the model's top-1 probability (its raw distribution, temperature "
+                                     "1) is under this: a draft stops where its model doubts itself")
 
     @property
     def greedy(self) -> bool:
@@ -196,6 +199,7 @@ class WorkerStats(_Msg):
     cpu_s: float = 0.0
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
+    confidence_stops: int = 0  # generations ended by ``GenParams.stop_below``
 
 
 #: Token ids as one C int32 buffer (``array('i')``): the orchestrator's token logs and their views.

