@@ -73,6 +73,22 @@ def test_hashes_extended_from_a_prefix_are_the_hashes_of_the_whole() -> None:
     assert block_hashes(ids[:100], whole) == whole[: 100 // BLOCK]  # known hashes beyond ids: its own prefix
 
 
+def test_put_extends_a_prefix_hashes_and_hashes_nothing_it_does_not_keep(monkeypatch) -> None:
+    """``put(hashes=...)`` takes the hashes of a prefix (a prompt's, for its finished generation) and hashes only
+    the blocks after it; a sequence too long to keep is not hashed at all (a finished generation extended its
+    prompt's hashes before the length check)."""
+    import workers.prefix_cache as pc
+
+    ids = np.random.default_rng(2).integers(0, 1000, 300)
+    cache = PrefixCache(max_tokens=400)
+    eid = cache.put(ids, kv_of(ids), hashes=block_hashes(ids[:100]))
+    assert cache._entries[eid].hashes == block_hashes(ids) and cache.lookup(ids)[0] == 300
+    hashed = []
+    monkeypatch.setattr(pc, "block_hashes", lambda *a: hashed.append(a) or block_hashes(*a))
+    long = np.random.default_rng(3).integers(0, 1000, 500)
+    assert cache.put(long, kv_of(long), hashes=block_hashes(long[:100])) is None and hashed == []
+
+
 async def test_a_generation_leaves_one_cache_entry_for_its_chain() -> None:
     """A generation stored its prompt's KV at prefill and prompt + output when it finished, and the first
     entry stayed: a chain of calls kept one redundant entry per call (31 for 30 calls of 8 tokens at 1k-32k

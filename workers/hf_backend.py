@@ -966,7 +966,7 @@ class HFWorker:
 
     def _finish(self, r: _Request) -> None:
         covered = np.concatenate([r.ids, as_ids(r.generated[:-1])])  # the last sampled token has no KV yet
-        self.cache.put(covered, r.kv, replaces=r.source, hashes=block_hashes(covered, r.hashes))
+        self.cache.put(covered, r.kv, replaces=r.source, hashes=r.hashes)  # the prompt's, extended if it is kept
         r.kv = None
         reason, stop = r.finish
         text = self.tokenizer.decode(r.generated, skip_special_tokens=True)

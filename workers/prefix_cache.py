@@ -92,7 +92,7 @@ class PrefixCache:
         ``hashes``: ``block_hashes(ids)`` when the caller has them (it passes the same to ``put``).
         """
         ids = as_ids(ids)
-        hashes = block_hashes(ids) if hashes is None else hashes
+        hashes = block_hashes(ids, hashes)
         for b in range(len(hashes) - 1, -1, -1):
             eid = self._index.get(hashes[b])
             entry = self._entries.get(eid) if eid is not None else None
@@ -112,8 +112,9 @@ class PrefixCache:
         """Store the KV of ``ids``; drop ``replaces`` if it is a prefix of ``ids`` (now redundant).
 
         Returns the new entry's id (``None`` when ``ids`` is too short or too long to keep), which
-        a caller that extends the same sequence later passes as ``replaces``. ``hashes``:
-        ``block_hashes(ids)`` when the caller has them.
+        a caller that extends the same sequence later passes as ``replaces``. ``hashes``: the
+        ``block_hashes`` of ``ids`` or of a prefix of it, when the caller has them: only the blocks
+        after them are hashed, and only for a sequence the cache keeps.
         """
         ids = as_ids(ids)
         if len(ids) < BLOCK or len(ids) > self.max_tokens:
@@ -124,7 +125,7 @@ class PrefixCache:
                 self._drop(replaces)
         eid = self._next_id
         self._next_id += 1
-        hashes = block_hashes(ids) if hashes is None else hashes
+        hashes = block_hashes(ids, hashes)
         self._entries[eid] = _Entry(ids, hashes, kv)
         self._by_buffer.setdefault(kv[0][0].data_ptr(), set()).add(eid)
         self.tokens += len(ids)
