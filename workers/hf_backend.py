@@ -707,25 +707,26 @@ class HFWorker:
     def _scores(self, r: _Request, lg: torch.Tensor) -> Scores:
         # lg holds the rows from the last prefix token on: lg[j] predicts continuation token j
         cont = torch.from_numpy(r.ids[r.n_prefix :]).to(lg.device)
-        lp = torch.log_softmax(lg[: len(cont)], -1)
+        # one normalising pass over the rows any read needs (the row after the continuation: next, sampling)
+        lp = torch.log_softmax(lg[: len(cont) + int(r.full_next or r.sample is not None)], -1)
         out = Scores(
-            logprobs=lp.gather(1, cont[:, None])[:, 0].tolist() if len(cont) else [],
+            logprobs=lp[: len(cont)].gather(1, cont[:, None])[:, 0].tolist() if len(cont) else [],
             prompt_tokens=r.n_prefix,
             cached_prompt_tokens=r.cached,
         )
         self._stats.scored_tokens += len(cont)
+        rows = lp[: len(cont)]
         if r.top_k:
-            vals, idx = lp.topk(r.top_k, -1)
+            vals, idx = rows.topk(r.top_k, -1)
             out.top = [dict(zip(i.tolist(), v.tolist())) for i, v in zip(idx, vals)]
         if r.entropies:
-            out.entropies = (-(lp.exp() * lp).sum(-1)).tolist()
+            out.entropies = (-(rows.exp() * rows).sum(-1)).tolist()
         if r.full_dists:
-            out.dists = lp.tolist()
+            out.dists = rows.tolist()
         if r.full_next:
-            out.next_logprobs = torch.log_softmax(lg[len(cont)], -1).tolist()
+            out.next_logprobs = lp[len(cont)].tolist()
         if r.sample is not None:
-            fill_sample_reads(out, lg[: len(cont) + 1], r.ids[r.n_prefix :], r.sample, r.draws, r.row_candidates,
-                              r.fuse)
+            fill_sample_reads(out, lp, r.ids[r.n_prefix :], r.sample, r.draws, r.row_candidates, r.fuse)
         out.timing = self._timing(r)
         return out
 

@@ -77,10 +77,9 @@ def fuse(plain: torch.Tensor, reflective: torch.Tensor, alpha: float, kind: str)
     return torch.log_softmax((1 - alpha) * plain + alpha * reflective, -1)
 
 
-def fused_rows(rows: torch.Tensor, fusion: Fusion) -> torch.Tensor:
-    """The n - k + 1 fused rows of a score call's n + 1 rows (logits or log-probs): row i with row k + i."""
-    lp = torch.log_softmax(rows.float(), -1)
-    return fuse(lp[: len(lp) - fusion.offset], lp[fusion.offset :], fusion.alpha, fusion.kind)
+def fused_rows(logprobs: torch.Tensor, fusion: Fusion) -> torch.Tensor:
+    """The n - k + 1 fused rows of a score call's n + 1 rows of log-probabilities: row i with row k + i."""
+    return fuse(logprobs[: len(logprobs) - fusion.offset], logprobs[fusion.offset :], fusion.alpha, fusion.kind)
 
 
 def check_sample_reads(n_continuation: int, sample: GenParams | None, draws: int,
@@ -110,7 +109,8 @@ def check_sample_reads(n_continuation: int, sample: GenParams | None, draws: int
 
 def fill_sample_reads(scores: Scores, rows: torch.Tensor, continuation: Sequence[int], sample: GenParams,
                       draws: int = 0, candidates: list[list[int]] | None = None, fuse: Fusion | None = None) -> None:
-    """Answer a score call's sampling reads from its rows (logits or log-probs, one per continuation token + 1).
+    """Answer a score call's sampling reads from its rows (one per continuation token + 1: logits or log-probs;
+    log-probs with ``fuse``, which mixes normalised rows).
 
     ``sampled``: the argmax under greedy params, else one seeded draw per row; then,
     from the same generator (so ``sampled`` does not depend on them), ``draws`` more
