@@ -29,8 +29,22 @@ Beyond the paper (its "future work"), ``pipeline``: while the large model judges
 step k, the small model already drafts step k+1 as if k were accepted, within the
 budget left after k; the draft is discarded when k is rejected. With the two models
 on separate devices the judge leaves the critical path; by default it runs when the
-two engines can work at once (``policies.base.engines_apart``). Greedy outputs,
-budget included, are identical either way.
+two engines can work at once (``policies.base.engines_apart``) and the judge has kept
+at least half of this request's steps so far (or none was judged yet). Greedy
+outputs, budget included, are identical either way.
+
+Also beyond the paper, ``rewrite_ahead``: the large model starts writing step k
+from the same context while the small model drafts it and the large model judges
+it, and the step it writes is used if the judge rejects the draft (dropped, its
+call cancelled, if the draft is kept). Where the judge turns down most steps the
+rejected step's draft and judge pass leave the critical path: the step costs about
+the large model's own writing instead of all three in turn. By default it runs when
+the engines can work at once and the judge has rejected more than half of this
+request's steps so far (at least one judged); the step written is the one the
+large model would write after the rejection (same context and budget), so greedy
+outputs are identical either way. By default, then, each step makes one bet, the
+one this request's judge history favours: on the draft being kept (the next draft
+made ahead) or on its being rejected (the large model's step made ahead).
 """
 
 from __future__ import annotations
@@ -61,7 +75,12 @@ class SpecReasonParams(PolicyParams):
     delimiter: str = "\n\n"
     pipeline: bool | None = Field(None, description="draft the next small step while the current one is judged; "
                                                   "None: when the two engines can work at once "
-                                                  "(policies.base.engines_apart)")
+                                                  "(policies.base.engines_apart) and the judge has kept at least "
+                                                  "half of this request's steps (or judged none yet)")
+    rewrite_ahead: bool | None = Field(None, description="start the large model's step while the small one's is "
+                                                       "drafted and judged, used if the judge rejects it; None: when "
+                                                       "the engines can work at once and the judge has rejected more "
+                                                       "than half of this request's steps")
     judge_instruction: str = DEFAULT_INSTRUCTION
     judge_prefill: str = DEFAULT_PREFILL
     answer_markers: list[str] = Field(["boxed", "Answer:", "ANSWER:"], description="a step with one ends the request")
@@ -131,12 +150,24 @@ class SpecReason(Policy):
         then, text = self._kept(g)
         return asyncio.ensure_future(self._step(session, "small", session.piece("small", g, then, text), budget=budget))
 
+    def _bets(self, session: Session, apart: bool) -> tuple[bool, bool]:
+        """(draft the next step ahead, write this step's large version ahead): ``pipeline``, ``rewrite_ahead``.
+
+        By default, where the engines can work at once, the one this request's judge history favours.
+        """
+        m = session.metrics
+        kept_mostly = m.accepted >= m.proposed / 2  # also when nothing was judged yet
+        p = self.params
+        return (apart and kept_mostly if p.pipeline is None else p.pipeline,
+                apart and not kept_mostly if p.rewrite_ahead is None else p.rewrite_ahead)
+
     async def run(self, session: Session) -> None:
         p = self.params
-        pipelined = engines_apart(session, "small", "large") if p.pipeline is None else p.pipeline
+        apart = engines_apart(session, "small", "large")
         previous = None
         n_steps = 0
         ahead: asyncio.Future | None = None  # the small model's next step, drafted while this one is judged
+        rewrite: asyncio.Future | None = None  # the large model's version of this step, written meanwhile
         try:
             while not session.finished and not session.out_of_budget:
                 score = None
@@ -144,6 +175,9 @@ class SpecReason(Policy):
                     author, g = "large", await self._step(session, "large")
                 else:
                     author = "small"
+                    pipelined, rewrites = self._bets(session, apart)
+                    if rewrites:
+                        rewrite = asyncio.ensure_future(self._step(session, "large"))
                     g = await ahead if ahead is not None else await self._step(session, "small")
                     ahead = None
                     judging = asyncio.ensure_future(self.judge(session, g))
@@ -152,6 +186,8 @@ class SpecReason(Policy):
                     score = await judging
                     if score >= p.threshold:
                         session.tally(proposed=1, accepted=1)
+                        if rewrite is not None:  # the draft stands: the large model's version is not needed
+                            discard(rewrite)
                     else:
                         session.tally(proposed=1, handoffs=1)
                         session.reject("small", g.text, len(g.token_ids), score=score)
@@ -159,7 +195,8 @@ class SpecReason(Policy):
                             discard(ahead)
                             ahead = None
                         author, score = "large", None
-                        g = await self._step(session, "large")
+                        g = await rewrite if rewrite is not None else await self._step(session, "large")
+                    rewrite = None
                 n_steps += 1
                 then, step = self._kept(g)
                 session.accept(author, g, then=then, text=step, score=score)
@@ -171,6 +208,7 @@ class SpecReason(Policy):
                     session.finish("repeat")
                 previous = step
         finally:
-            if ahead is not None:
-                discard(ahead)
+            for call in (ahead, rewrite):
+                if call is not None:
+                    discard(call)
 

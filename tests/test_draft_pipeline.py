@@ -16,6 +16,7 @@ from policies import build_policy
 from policies.bild import BiLDParams
 from policies.consultant import ConsultantParams
 from policies.multi_candidate import MultiCandidateParams
+from policies.specreason import SpecReasonParams
 from policies.speculative import SpeculativeParams
 from tests.scripted import ChoiceWorker, document, make_session
 
@@ -48,9 +49,9 @@ class Logged:
         return call
 
 
-async def run(params, timeline: list) -> object:
-    small = Logged("small", ChoiceWorker(document(SMALL_DOC, strict=False)), timeline)
-    large = Logged("large", ChoiceWorker(document(LARGE_DOC, strict=False)), timeline)
+async def run(params, timeline: list, docs: tuple[str, str] = (SMALL_DOC, LARGE_DOC), judge=None) -> object:
+    small = Logged("small", ChoiceWorker(document(docs[0], strict=False)), timeline)
+    large = Logged("large", ChoiceWorker(document(docs[1], strict=False), judge=judge), timeline)
     s = make_session(small, large, max_tokens=400)
     pol = build_policy(params)
     pol.check(s.models)
@@ -126,3 +127,29 @@ def test_rounds_overlap_by_default_only_when_the_engines_can_work_at_once(hosts,
     assert build_policy(ConsultantParams()).pipelined(s) is apart
     assert build_policy(ConsultantParams(pipeline=True)).pipelined(s) is True
     assert build_policy(ConsultantParams(pipeline=False)).pipelined(s) is False
+
+
+async def test_specreason_writes_the_large_step_while_the_small_one_is_drafted_and_judged():
+    """``rewrite_ahead``: each judged step's large-model version starts with the small draft and is the step used
+    when the judge rejects the draft: the text and decisions of the serial run, with the calls overlapping."""
+    docs = ("".join(f"small step {i}.\n\n" for i in range(12)), "".join(f"large step {i}.\n\n" for i in range(12)))
+    judge = lambda ctx: 9 if ctx.count("\n\n") % 3 == 0 else 2  # noqa: E731 -- some steps kept, most rejected
+    serial_log, ahead_log = [], []
+    serial = await run(SpecReasonParams(pipeline=False, rewrite_ahead=False), serial_log, docs, judge)
+    others = asyncio.all_tasks()
+    ahead = await run(SpecReasonParams(pipeline=False, rewrite_ahead=True), ahead_log, docs, judge)
+    m, n = ahead.metrics, serial.metrics
+    assert ahead.text == serial.text and "small step" in ahead.text and "large step" in ahead.text
+    assert (m.proposed, m.accepted, m.handoffs) == (n.proposed, n.accepted, n.handoffs) and 0 < n.accepted < n.proposed
+    assert [(g.author, g.accepted) for g in ahead.segments] == [(g.author, g.accepted) for g in serial.segments]
+    large_steps = [e for e in ahead_log if e == ("large", "start", "generate")]
+    assert len(large_steps) == n.proposed  # one per judged step, kept or not
+    def beside(log):  # large-model steps started while a small-model draft was in flight
+        busy, n = 0, 0
+        for role, event, name in log:
+            busy += (role == "small") * (1 if event == "start" else -1)
+            n += (role, event, name) == ("large", "start", "generate") and busy > 0
+        return n
+
+    assert beside(serial_log) == 0 and beside(ahead_log) == n.proposed  # each written beside its draft
+    assert asyncio.all_tasks() - others == set()

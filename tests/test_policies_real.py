@@ -82,3 +82,11 @@ async def test_specreason_pipelining_changes_nothing_but_time(pair):
     piped = await solve_all(pair, "arith-v1/specreason", PROBLEMS, ["policy.pipeline=true"])
     serial = await solve_all(pair, "arith-v1/specreason", PROBLEMS, ["policy.pipeline=false"])
     assert [r.text for r in piped] == [r.text for r in serial]
+    # the large model writing each step beside its draft (cancelled where the draft is kept): the same decisions
+    for pipeline in ("false", "true"):
+        ahead = await solve_all(pair, "arith-v1/specreason", PROBLEMS, ["policy.rewrite_ahead=true",
+                                                                      f"policy.pipeline={pipeline}"])
+        assert [r.text for r in ahead] == [r.text for r in serial]
+        assert [[(s.author, s.accepted) for s in r.segments] for r in ahead] == \
+            [[(s.author, s.accepted) for s in r.segments] for r in serial]
+    assert any(s.accepted and s.author == "small" for r in serial for s in r.segments)  # some drafts kept

@@ -82,7 +82,7 @@ async def test_specreason_pipeline_within_budget_example():
         assert r.metrics.accepted_tokens["small"] == 20 and r.metrics.finish_reason == "budget"
 
 
-async def test_specreason_pipeline_on_equals_off_under_greedy():
+async def test_specreason_pipeline_and_rewrite_ahead_on_equal_off_under_greedy():
     rng = random.Random(0)
     for _ in range(200):
         small, large = _random_pair(rng)
@@ -90,12 +90,13 @@ async def test_specreason_pipeline_on_equals_off_under_greedy():
         threshold = rng.choice([3, 5, 7, 9])
         first_n = rng.choice([0, 0, 1])
         out = []
-        for pipeline in (False, True):
-            r = await run(SpecReasonParams(pipeline=pipeline, threshold=threshold, first_n_large=first_n,
-                                           max_step_tokens=8), small(), large(), max_tokens=budget)
+        for pipeline, rewrite in ((False, False), (True, False), (False, True), (True, True), (True, None)):
+            r = await run(SpecReasonParams(pipeline=pipeline, rewrite_ahead=rewrite, threshold=threshold,
+                                           first_n_large=first_n, max_step_tokens=8), small(), large(),
+                          max_tokens=budget)
             out.append((r.text, [(g.author, g.accepted, g.tokens) for g in r.segments], r.metrics.finish_reason))
             assert sum(r.metrics.accepted_tokens.values()) <= budget
-        assert out[0] == out[1]
+        assert all(o == out[0] for o in out[1:])
 
 
 async def test_step_policies_write_the_same_text_across_vocabularies():
