@@ -709,13 +709,13 @@ class HFWorker:
         cont = torch.from_numpy(r.ids[r.n_prefix :]).to(lg.device)
         # one normalising pass over the rows any read needs (the row after the continuation: next, sampling)
         lp = torch.log_softmax(lg[: len(cont) + int(r.full_next or r.sample is not None)], -1)
+        rows = lp[: len(cont)]
         out = Scores(
-            logprobs=lp[: len(cont)].gather(1, cont[:, None])[:, 0].tolist() if len(cont) else [],
+            logprobs=rows.gather(1, cont[:, None])[:, 0].tolist() if len(cont) else [],
             prompt_tokens=r.n_prefix,
             cached_prompt_tokens=r.cached,
         )
         self._stats.scored_tokens += len(cont)
-        rows = lp[: len(cont)]
         if r.top_k:
             vals, idx = rows.topk(r.top_k, -1)
             out.top = [dict(zip(i.tolist(), v.tolist())) for i, v in zip(idx, vals)]
