@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.session import ModelHandle, Session
 from workers.protocol import Fusion, Generation, GenParams, NextToken, Scores, TokenLogprob, WorkerInfo, WorkerStats
-from workers.sampling import check_sample_reads, fill_sample_reads, sampling_probs
+from workers.sampling import check_sample_reads, doubts, fill_sample_reads, sampling_probs
 
 EOS = 3
 
@@ -122,7 +122,7 @@ class TableWorker(_Base):
             if params.logprobs is not None:  # as the hf backend reports them: raw log-softmax, top-k by rank
                 lp = torch.log_softmax(row, -1)
                 lps.append(TokenLogprob(token_id=tok, logprob=float(lp[tok]), top=_top(lp, params.logprobs)))
-            if tok == EOS or params.stop_below is not None and float(torch.softmax(row, -1).max()) < params.stop_below:
+            if tok == EOS or params.stop_below is not None and doubts(row, params.stop_below):
                 break
         return Generation(token_ids=out, text="", finish_reason="eos" if out[-1] == EOS else "length",
                           logprobs=lps if params.logprobs is not None else None,

@@ -35,12 +35,11 @@ import torch
 from torch import nn
 
 from workers.hf_backend import HFWorker
+from workers.hf_speculation import DraftProposer
 from workers.protocol import WorkerStats, vocab_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-    from workers.hf_speculation import DraftProposer
 
 #: Kangaroo's defaults (inference_kangaroo.py and the README command): exit after layer 2, stop under 0.6.
 KANGAROO_EXIT_LAYER = 2
@@ -196,8 +195,6 @@ def load_adapter(folder: str | Path, target: HFWorker) -> KangarooAdapter:
 
 def derived_draft(spec: Any, target: HFWorker) -> DraftProposer:
     """The proposer of ``speculative.method`` quantized or kangaroo, drafting with ``target``'s weights."""
-    from workers.hf_speculation import DraftProposer
-
     common = dict(device=str(target.device), kv_cache_tokens=target.cache.max_tokens, speculative=spec.draft)
     k = spec.num_speculative_tokens
     if spec.method == "quantized":
