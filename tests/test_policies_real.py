@@ -47,9 +47,12 @@ async def test_drafts_that_stop_where_the_small_model_doubts_keep_speculation_lo
     """``policy.draft_confidence``: the small model ends a draft in its worker at a token it doubts. The text is
     still LargeOnly's, token for token; the small model writes fewer tokens, in more (shorter) rounds."""
     base = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
-    full = await solve_all(pair, "arith-v1/speculative", PROBLEMS)
-    short = await solve_all(pair, "arith-v1/speculative", PROBLEMS, ["policy.draft_confidence=0.9"])
-    assert [r.text for r in short] == [r.text for r in base]
+    # rounds in turn: drafts made ahead (vLLM's engine runs apart) are dropped or kept by timing, not by the rule
+    full = await solve_all(pair, "arith-v1/speculative", PROBLEMS, ["policy.pipeline=false"])
+    short = await solve_all(pair, "arith-v1/speculative", PROBLEMS, ["policy.pipeline=false",
+                                                                     "policy.draft_confidence=0.9"])
+    piped = await solve_all(pair, "arith-v1/speculative", PROBLEMS, ["policy.draft_confidence=0.9"])
+    assert [r.text for r in short] == [r.text for r in base] == [r.text for r in piped]
     drafted = [sum(r.metrics.tokens["small"] for r in rs) for rs in (full, short)]
     rounds = [sum(r.metrics.calls["small"] for r in rs) for rs in (full, short)]
     assert drafted[1] < drafted[0] and rounds[1] > rounds[0]
