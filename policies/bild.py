@@ -67,12 +67,12 @@ class BiLD(DraftVerifyPolicy):
     name = "bild"
     params: BiLDParams
 
-    async def draft(self, session: Session, ids: Sequence[int]) -> Generation:
+    async def draft(self, session: Session, ids: Sequence[int], length: int) -> Generation:
         p = self.params
         if p.large_first and session.accepted_tokens == 0:  # the large model opens: an empty window
             return Generation(token_ids=[], text="", finish_reason="length")
         # the small model stops in its worker at the token it falls back on: nothing after it is drafted
-        g = await session.generate("small", ids=ids, max_tokens=min(p.draft_tokens, session.budget_left), logprobs=1,
+        g = await session.generate("small", ids=ids, max_tokens=min(length, session.budget_left), logprobs=1,
                                    stop_below=p.fallback_threshold or None)
         probs = [top_probability(lp) for lp in g.logprobs or []]
         n = fallback_point(probs, p.fallback_threshold)

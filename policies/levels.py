@@ -226,7 +226,9 @@ class ChainPolicy(BlockDraftPolicy):
     def chain(self) -> list[Level]:
         raise NotImplementedError
 
-    async def draft(self, session: Session, ids: Sequence[int]) -> Block:
+    async def draft(self, session: Session, ids: Sequence[int], length: int) -> Block:
+        """The block the chain below the large model hands up; its levels set their own lengths (a chain's
+        params keep ``draft_schedule`` constant, so ``length`` is always ``draft_tokens``, the bottom's own)."""
         *below, top = self.levels
         return await propose(session, ids, below, session.budget_left, Keep.reads_of(top.rule, session.params.greedy))
 

@@ -136,9 +136,9 @@ class MultiCandidateSD(BlockDraftPolicy):
 
         return list(await asyncio.gather(*(grow(x) for x in firsts))), q0
 
-    async def round(self, session: Session, ids: Sequence[int]) -> tuple[Block, int, int | None]:
+    async def round(self, session: Session, ids: Sequence[int], length: int) -> tuple[Block, int, int | None]:
         p, sp = self.params, session.params
-        n = min(p.draft_tokens, session.budget_left)
+        n = min(length, session.budget_left)
         q0 = None
         if sp.greedy or not p.replacement:
             drafts, q0 = await self._distinct(session, ids, n)

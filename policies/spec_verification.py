@@ -119,9 +119,9 @@ class SpeculativeVerification(SpeculativeDecoding):
             out.append(p.mix * a + (1 - p.mix) * s)
         return out
 
-    async def draft(self, session: Session, ids: Sequence[int]) -> Generation:
+    async def draft(self, session: Session, ids: Sequence[int], length: int) -> Generation:
         p = self.params
-        g = await session.generate("small", ids=ids, max_tokens=min(p.draft_tokens, session.budget_left),
+        g = await session.generate("small", ids=ids, max_tokens=min(length, session.budget_left),
                                    logprobs=p.top_k if p.companion == "mid" else 1,
                                    sample_logprobs=not session.params.greedy)
         accept = await self.predicted_acceptance(session, g)

@@ -25,8 +25,16 @@ if TYPE_CHECKING:
     from workers.protocol import Generation, TokenLogprob
 
 
+MAX_DRAFT = 64  # the longest draft a round makes (a bound of ``draft_tokens`` and of a schedule's growth)
+
+
 class DraftVerifyParams(PolicyParams):
-    draft_tokens: int = Field(8, ge=1, le=64)
+    draft_tokens: int = Field(8, ge=1, le=MAX_DRAFT, description="tokens drafted per round (the first round's under "
+                                                                 "a heuristic draft_schedule)")
+    draft_schedule: Literal["constant", "heuristic"] = Field(
+        "constant", description="the draft length round by round: always draft_tokens, or HF's heuristic schedule "
+                                "(num_assistant_tokens_schedule): +2 after a round whose whole draft was kept, -1 (not "
+                                "under 1) otherwise, per request, up to 64; see DraftVerifyPolicy.next_length")
     pipeline: bool | None = Field(None, description="draft the next round while this one is verified (see "
                                                   "DraftVerifyPolicy.run); None: when the two engines can work at once "
                                                   "(policies.base.engines_apart)")
@@ -41,6 +49,7 @@ class SerialDraftParams(DraftVerifyParams):
     a draft made ahead and thrown away would leave them behind, so rounds run one after another."""
 
     pipeline: Literal[False] = Field(False, description="this policy drafts round by round")
+    draft_schedule: Literal["constant"] = Field("constant", description="this policy's draft lengths are its own")
     draft_confidence: Literal[None] = Field(None, description="this policy's drafts follow rules of their own")
 
 
@@ -93,15 +102,29 @@ class DraftVerifyPolicy(Policy):
         """
         raise NotImplementedError
 
-    async def draft(self, session: Session, ids: Sequence[int]) -> Generation:
-        """The round's proposal: up to ``draft_tokens`` small-model tokens after ``ids``.
+    async def draft(self, session: Session, ids: Sequence[int], length: int) -> Generation:
+        """The round's proposal: up to ``length`` small-model tokens after ``ids`` (``next_length``).
 
         Policies that read the draft's own signals (BiLD's confidence, Speculative
         Verification's predicted acceptance) override this to ask for logprobs and cut
         the draft (``cut``) before it is verified; only what is returned counts as proposed.
         """
-        return await session.generate("small", ids=ids, max_tokens=min(self.params.draft_tokens, session.budget_left),
+        return await session.generate("small", ids=ids, max_tokens=min(length, session.budget_left),
                                       **self.draft_call(session))
+
+    def next_length(self, length: int, drafted: int, kept: int) -> int:
+        """The next round's draft length after a round of ``length`` that drafted ``drafted`` tokens and kept ``kept``.
+
+        The heuristic schedule is Hugging Face's (assisted generation's
+        ``num_assistant_tokens_schedule="heuristic"``): a draft kept whole says the text is
+        easy here, so the next one is two tokens longer; any rejection shortens it by one.
+        On reasoning chains, where long stretches of restating and re-checking alternate
+        with hard arithmetic, the length follows the stretch. It reads only the past
+        rounds, so lossless verification stays lossless.
+        """
+        if self.params.draft_schedule == "constant":
+            return length
+        return min(MAX_DRAFT, length + 2) if kept == drafted else max(1, length - 1)
 
     def draft_reads(self, session: Session) -> dict[str, Any]:
         """What a draft call reads besides its tokens (lossless sampling: q at each drawn token)."""
@@ -116,13 +139,14 @@ class DraftVerifyPolicy(Policy):
         stop = {} if self.params.draft_confidence is None else {"stop_below": self.params.draft_confidence}
         return {**self.draft_reads(session), **stop}
 
-    async def round(self, session: Session, ids: Sequence[int]) -> tuple[Generation, int, int | None]:
-        """One round: (the proposal, how many of its tokens are kept, the large model's next token or None).
+    async def round(self, session: Session, ids: Sequence[int], length: int) -> tuple[Generation, int, int | None]:
+        """One round of drafts up to ``length``: (the proposal, how many of its tokens are kept, the large model's
+        next token or None).
 
         Multi-candidate verification overrides this: it drafts several proposals at
         once and returns the one whose prefix it keeps.
         """
-        draft = await self.draft(session, ids)
+        draft = await self.draft(session, ids, length)
         n_keep, nxt = await self.verify(session, ids, draft)
         return draft, n_keep, nxt
 
@@ -135,10 +159,11 @@ class DraftVerifyPolicy(Policy):
         if n_keep:
             session.accept_tokens("small", draft.token_ids[:n_keep])
 
-    def draft_ahead(self, session: Session, ids: Sequence[int], draft: Generation) -> asyncio.Future | None:
+    def draft_ahead(self, session: Session, ids: Sequence[int], draft: Generation,
+                    length: int) -> asyncio.Future | None:
         """Start the next round's draft as if the large model keeps all of ``draft``, while it verifies it.
 
-        It drafts one token more than a round: its first token is the small model's guess
+        ``length`` is the next round's draft length in that case. It drafts one token more: its first token is the small model's guess
         at the large model's next token. When the large model does keep the whole draft and
         its next token is that guess, the rest is exactly the draft the next round would
         make (the same context, drawn from the same q), so that round verifies at once:
@@ -150,7 +175,7 @@ class DraftVerifyPolicy(Policy):
         if draft.finish_reason == "eos" or room < 2:
             return None
         return asyncio.ensure_future(session.generate(
-            "small", ids=joined(ids, draft.token_ids), max_tokens=min(self.params.draft_tokens + 1, room),
+            "small", ids=joined(ids, draft.token_ids), max_tokens=min(length + 1, room),
             **self.draft_call(session)))
 
     def pipelined(self, session: Session) -> bool:
@@ -162,19 +187,22 @@ class DraftVerifyPolicy(Policy):
         """Rounds until EOS or the budget; pipelined (``pipelined``), each round's draft is made during the
         previous round's verification when it can be (``draft_ahead``)."""
         pipelined = self.pipelined(session)
+        length = self.params.draft_tokens
         ready: Generation | None = None  # this round's draft, made ahead
         ahead: asyncio.Future | None = None
         try:
             while not session.finished and not session.out_of_budget:
                 ids = session.log("large")  # one shared vocabulary: the small model drafts on the same ids
                 if pipelined:
-                    draft = ready if ready is not None else await self.draft(session, ids)
+                    draft = ready if ready is not None else await self.draft(session, ids, length)
+                    n = len(draft.token_ids)
                     verifying = asyncio.ensure_future(self.verify(session, ids, draft))
-                    ahead = self.draft_ahead(session, ids, draft)
+                    ahead = self.draft_ahead(session, ids, draft, self.next_length(length, n, n))
                     n_keep, nxt = await verifying
                 else:
-                    draft, n_keep, nxt = await self.round(session, ids)
+                    draft, n_keep, nxt = await self.round(session, ids, length)
                 session.tally(proposed=len(draft.token_ids), accepted=n_keep)
+                length = self.next_length(length, len(draft.token_ids), n_keep)
                 self.accept_draft(session, draft, n_keep)
                 if nxt is not None and not session.finished and not session.out_of_budget:  # never past the budget
                     session.tally(handoffs=int(n_keep < len(draft.token_ids)))

@@ -112,6 +112,46 @@ async def test_a_draft_made_ahead_never_passes_the_budget():
         assert all(c[1][1] <= budget for c in small.calls if c[0] == "generate")  # max_tokens of every draft
 
 
+def draft_lengths(worker: ChoiceWorker, prompt: int = 1, budget: int = 400) -> list[tuple[int, int]]:
+    """(max_tokens, budget left) of each draft call, in order."""
+    return [(m, budget - (n - prompt)) for name, (n, m) in worker.calls if name == "generate"]
+
+
+@pytest.mark.parametrize("make", [ConsultantParams, SpeculativeParams])
+async def test_the_heuristic_schedule_lengthens_drafts_kept_whole_and_shortens_rejected_ones(make):
+    """``draft_schedule: heuristic`` (HF's): +2 after a round that kept its whole draft, -1 (not under 1) after any
+    rejection. A small model always right drafts 4, 6, 8, ... (up to 64 and the budget); one always wrong 4, 3, 2, 1, 1."""
+    for doc, expect in ((LARGE_DOC, lambda i: 4 + 2 * i), ("~" * 200, lambda i: max(1, 4 - i))):
+        small, large = ChoiceWorker(document(doc, strict=False)), ChoiceWorker(document(LARGE_DOC, strict=False))
+        s = make_session(small, large, max_tokens=400)
+        await build_policy(make(draft_tokens=4, draft_schedule="heuristic", pipeline=False)).run(s)
+        assert s.result("p").text == LARGE_DOC
+        lengths = draft_lengths(small)
+        assert len(lengths) > 5 and lengths == [(min(expect(i), 64, left), left) for i, (_, left) in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("make", [ConsultantParams, SpeculativeParams])
+async def test_a_pipelined_heuristic_schedule_makes_the_serial_rounds(make):
+    """Drafts made ahead are as long as the schedule makes the next round's when the whole draft is kept, so
+    pipelined and serial runs make the same rounds; the constant schedule makes others."""
+    serial_log, pipe_log, constant_log = [], [], []
+    serial = await run(make(draft_tokens=3, draft_schedule="heuristic", pipeline=False), serial_log)
+    pipe = await run(make(draft_tokens=3, draft_schedule="heuristic"), pipe_log)
+    constant = await run(make(draft_tokens=3, pipeline=False), constant_log)
+    assert pipe.text == serial.text == constant.text and "42 - 3" not in pipe.text
+    m, n, c = pipe.metrics, serial.metrics, constant.metrics
+    assert (m.proposed, m.accepted, m.handoffs) == (n.proposed, n.accepted, n.handoffs)
+    assert m.calls["large"] == n.calls["large"] < c.calls["large"]  # longer drafts where the small model is right
+    assert rounds_without_a_draft_call(pipe_log) >= m.calls["large"] // 2
+
+
+def test_policies_whose_drafts_follow_rules_of_their_own_refuse_a_schedule():
+    with pytest.raises(ValidationError, match="draft_schedule"):
+        BiLDParams(draft_schedule="heuristic")
+    with pytest.raises(ValidationError, match="draft_schedule"):
+        ConsultantParams(draft_schedule="linear")
+
+
 @pytest.mark.parametrize("params", [BiLDParams, MultiCandidateParams])
 def test_policies_whose_drafts_act_on_their_own_refuse_pipelining(params):
     assert params().pipeline is False

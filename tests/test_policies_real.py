@@ -59,6 +59,22 @@ async def test_drafts_that_stop_where_the_small_model_doubts_keep_speculation_lo
     assert drafted[1] / rounds[1] < drafted[0] / rounds[0]
 
 
+async def test_a_heuristic_draft_schedule_keeps_speculation_lossless_and_pipelining_text_neutral(pair):
+    """``policy.draft_schedule=heuristic``: draft lengths follow the past rounds, so lossless speculation still
+    writes LargeOnly's text, pipelined or not, and Consultant's pipelined text is its serial one."""
+    base = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
+    heuristic = ["policy.draft_schedule=heuristic"]
+    constant = await solve_all(pair, "arith-v1/speculative", PROBLEMS, ["policy.pipeline=false"])
+    serial = await solve_all(pair, "arith-v1/speculative", PROBLEMS, [*heuristic, "policy.pipeline=false"])
+    piped = await solve_all(pair, "arith-v1/speculative", PROBLEMS, heuristic)
+    assert [r.text for r in serial] == [r.text for r in base] == [r.text for r in piped]
+    rounds = [sum(r.metrics.calls["large"] for r in rs) for rs in (constant, serial)]
+    assert rounds[0] != rounds[1]  # the schedule made other rounds
+    consultant = [await solve_all(pair, "arith-v1/consultant", PROBLEMS, [*heuristic, f"policy.pipeline={p}"])
+                  for p in ("false", "true")]
+    assert [r.text for r in consultant[0]] == [r.text for r in consultant[1]]
+
+
 async def test_consultant_limits(pair):
     large = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
     small = await solve_all(pair, "arith-v1/small-only", PROBLEMS)
