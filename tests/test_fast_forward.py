@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ from workers.protocol import GenParams
 def both(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
          new: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of a prefill of all but the last ``new`` columns, then of the last ``new`` over that cache, from
-    transformers and from the runner (each with its own cache)."""
-    fast = FastForward.build(model)
+    transformers and from the runner (each with its own cache, and its own copy of the model: a dynamic-NTK
+    rotary module keeps the frequencies of the longest sequence it saw)."""
+    fast = FastForward.build(copy.deepcopy(model))
     assert fast is not None
     out = []
     with torch.inference_mode():
@@ -63,6 +65,21 @@ def test_logits_match_on_qwen2_with_grouped_kv_heads_and_biases() -> None:
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     ids, mask, positions = padded_batch(cfg.vocab_size, 40, [0, 9])
     want, got = both(model, ids, mask, positions, new=3)
+    assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "dynamic", "factor": 2.0}])
+def test_rope_from_its_table_or_per_pass_matches_transformers_past_the_tables_first_size(rope) -> None:
+    """cos / sin come from a table the rotary module fills (fixed frequencies) or from the module per pass
+    (dynamic NTK scales them with the length): a cache of 300 positions then 40 more, past the table's first
+    256 rows and the model's 128 trained positions, gives transformers' logits either way."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, rope_scaling=rope)
+    model = Qwen2ForCausalLM(cfg).eval()
+    assert FastForward.build(model).rope_table is (rope is None or rope["rope_type"] != "dynamic")
+    ids, mask, positions = padded_batch(cfg.vocab_size, 340, [0, 31])
+    want, got = both(model, ids, mask, positions, new=40)
     assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
 
 

@@ -7,8 +7,11 @@ from the 2D one, output-capturing wrappers, config lookups), and each layer ~30 
 their hooks for ~12 tensor operations of work. A real GPU deployment hides the same per-operation
 cost behind CUDA graphs (vLLM); here the engine runs the same arithmetic on the same weights (by
 reference: no copy) in about 20 tensor operations per layer: ``F.linear`` and ``F.rms_norm``
-without module calls, one boolean mask per pass shared by every layer, and the model's own rotary
-module once per pass (so every RoPE variant transformers implements stays right).
+without module calls, one additive mask per pass shared by every layer, and cos / sin from the
+model's own rotary module (so every RoPE variant transformers implements stays right): read from a
+table it filled once where its frequencies do not depend on the sequence's length, computed per pass
+where they do (dynamic NTK, LongRoPE). Each operation here is worth its cost: a decode step of the
+small arith model takes ~0.5 ms, ~5 us an operation (see ``_rms`` and ``_rotate``).
 
 The KV cache is the transformers ``Cache`` the engine already keeps (``Cache.update`` per layer),
 so prefix caching, stacking and unstacking are unchanged. Kangaroo's self-draft (the target's
@@ -46,13 +49,27 @@ class _Layer:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # as LlamaRMSNorm: normalised in float32, cast back, then scaled
+    """As LlamaRMSNorm: normalised in float32, cast back, then scaled.
+
+    In float32 the casts are no-ops and ``F.rms_norm``'s own weight gives the same numbers in
+    one operation (10.4 against 13.0 us on a decode step's row, measured on this CPU).
+    """
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, for ``_rotate``."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers' ``x * cos + rotate_half(x) * sin``, the same numbers in four operations instead of
+    seven: ``rotate_half(x)`` is ``x`` rolled by half its width with its first half negated, and the negation
+    is moved onto ``sin`` once per pass (``_signed``; exact in floating point). 12.2 -> 7.0 us a call."""
+    return (x * cos).add_(x.roll(x.shape[-1] // 2, -1).mul_(signed_sin))
 
 
 class FastForward:
@@ -63,6 +80,10 @@ class FastForward:
         cfg = model.config
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
+        rope = getattr(self.rotary, "rope_type", "default")
+        self.rope_table = "dynamic" not in rope and rope != "longrope"  # frequencies fixed for every length
+        self._cos: torch.Tensor | None = None  # (positions, head_dim), from the rotary module
+        self._sin: torch.Tensor | None = None  # signed (``_signed``)
         self.norm, self.eps = inner.norm.weight, inner.norm.variance_epsilon
         self.head = model.lm_head.weight
         self.layers = [_Layer(layer) for layer in inner.layers]
@@ -102,9 +123,9 @@ class FastForward:
         """
         B, N = input_ids.shape
         h = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary(h, position_ids)
+        cos, sin = self._rope(h, position_ids, attention_mask.shape[1])
         cos, sin = cos[:, None], sin[:, None]
-        mask = self._mask(attention_mask, N)
+        mask = self._mask(attention_mask, N, h.dtype)
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         for i, lay in enumerate(self.layers):
             x = _rms(h, lay.norm1, lay.eps1)
@@ -120,6 +141,24 @@ class FastForward:
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return F.linear(_rms(h, self.norm, self.eps), self.head)
+
+    def _rope(self, h: torch.Tensor, position_ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (B, N, head_dim) at ``position_ids``, which are under ``width`` (the mask's width:
+        a position counts the tokens its row attends before it).
+
+        With fixed frequencies, rows of a table the rotary module filled for every position up to twice the
+        longest seen: the module computes each position's values on their own (an outer product, then cos
+        and sin), so the rows are the numbers it would return.
+        """
+        if not self.rope_table:
+            cos, sin = self.rotary(h, position_ids)
+            return cos, _signed(sin)
+        if self._cos is None or width > self._cos.shape[0] or self._cos.dtype != h.dtype \
+                or self._cos.device != h.device:
+            n = max(width, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            cos, sin = self.rotary(h, torch.arange(n, device=h.device)[None])
+            self._cos, self._sin = cos[0], _signed(sin[0])
+        return self._cos[position_ids], self._sin[position_ids]
 
     #: Cached positions over all rows (rows x positions) from which a decode step's attention goes through two
     #: matmuls on a CPU (``_attend``).
@@ -145,12 +184,14 @@ class FastForward:
         KV = self.kv_heads
         scores = torch.matmul(q.view(B, KV, H // KV, D), k.transpose(-1, -2)).mul_(self.scale)
         if mask is not None:  # (B, 1, 1, positions): padding and holes; each row keeps its own position
-            scores.masked_fill_(~mask, float("-inf"))
+            scores.add_(mask)
         return torch.matmul(torch.softmax(scores, -1), v).view(B, H, 1, D)
 
     @staticmethod
-    def _mask(attention_mask: torch.Tensor, n: int) -> torch.Tensor | None:
-        """One boolean mask (B, 1, n, total) for every layer: causal over the new positions, padding dropped.
+    def _mask(attention_mask: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """One additive mask (B, 1, n, total; 0 or -inf) for every layer: causal over the new positions, padding
+        dropped. Additive because SDPA turns a boolean mask into one in every call (a 9-token verification over
+        1,500 positions: 138 against 126 us a layer, the same numbers).
 
         A query whose every key is masked (a padding position) attends to itself, so its row stays finite:
         its output is never read, but a NaN in its key or value would reach real rows through 0 * NaN.
@@ -162,4 +203,5 @@ class FastForward:
         cols = torch.arange(total, device=attention_mask.device)
         rows = past + torch.arange(n, device=attention_mask.device)
         allowed = (cols[None, :] <= rows[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
-        return allowed | (cols[None, :] == rows[:, None])[None, None]
+        allowed = allowed | (cols[None, :] == rows[:, None])[None, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
