@@ -3,7 +3,7 @@
 Three views of the same run (``orchestrator.timing`` defines the per-problem terms):
 
 - **problems**: each problem's wall time along its critical path, summed over the run:
-  ``wall = model + queue + overhead + gap``, and ``efficiency = model / wall`` (the
+  ``wall = model + queue + overhead + off_path + gap``, and ``efficiency = model / wall`` (the
   critical path's model time over the wall time; latency-weighted over problems);
 - **calls** per model: calls, their wall time, model time (prefill, decode) and queue
   wait, summed over problems (calls in flight together each count whole);
@@ -28,7 +28,7 @@ from rich.table import Table
 from workers.protocol import WorkerStats
 
 #: Problem-view terms, summed over problems.
-PROBLEM_TERMS = ("wall_s", "critical_path_s", "queue_s", "overhead_s", "gap_s")
+PROBLEM_TERMS = ("wall_s", "critical_path_s", "queue_s", "overhead_s", "off_path_s", "gap_s")
 #: Per-model call terms, summed over problems.
 CALL_TERMS = ("calls", "call_s", "model_s", "prefill_s", "decode_s", "queue_s", "untimed")
 #: Worker counters a run's breakdown takes the difference of.
@@ -55,7 +55,8 @@ def time_summary(records: Sequence[Mapping[str, Any]], workers: Mapping[str, Any
                  loop: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The summary's ``time`` section from result records (their ``time``), worker diffs and the loop meter."""
     timed = [r["time"] for r in records if r.get("time")]
-    problems: dict[str, Any] = {k: sum(t[k] for t in timed) for k in PROBLEM_TERMS}
+    # records written before off_path_s was split out of gap_s (a run resumed across versions) count it in gap_s
+    problems: dict[str, Any] = {k: sum(t.get(k, 0.0) for t in timed) for k in PROBLEM_TERMS}
     problems["n"] = len(timed)
     problems["efficiency"] = _ratio(problems["critical_path_s"], problems["wall_s"])
     effs = [t["efficiency"] for t in timed if t.get("efficiency") is not None]
@@ -101,7 +102,8 @@ def breakdown_tables(time: Mapping[str, Any], title: str = "") -> list[Table]:
     t1 = _table("seconds", "of wall", first="term",
                 title=f"{title} where the wall time went (critical path, {p['n']} problems)".strip())
     for key, label in (("critical_path_s", "model (critical path)"), ("queue_s", "queue in workers"),
-                       ("overhead_s", "call overhead (hand-offs)"), ("gap_s", "between calls"),
+                       ("overhead_s", "call overhead (hand-offs)"),
+                       ("off_path_s", "waiting on calls off the path"), ("gap_s", "no call in flight"),
                        ("wall_s", "wall")):
         t1.add_row(label, _s(p[key]), _pct(_ratio(p[key], wall)))
     t1.caption = f"efficiency {_s(p['efficiency'])} (lowest problem {_s(p['efficiency_min'])})"
@@ -137,21 +139,23 @@ def print_breakdown(time: Mapping[str, Any] | None, console: Console | None = No
 
 def bench_breakdown_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     """One line per config of a bench: efficiency, the problems' wall split, and engine and loop busy shares."""
-    table = _table("eff", "model", "queue", "hand", "gap", "small", "large", "loop", first="config", first_width=16,
+    table = _table("eff", "model", "queue", "hand", "off", "gap", "small", "large", "loop", first="config",
+                   first_width=16,
                    title="where the time went: critical path, % of wall; engines and loop, % busy")
     table.caption = ("eff: the critical path's model time over wall; hand: hand-offs (call time outside the "
-                     "workers); gap: time between a problem's calls")
+                     "workers); off: waits on calls off the path; gap: none of a problem's calls in flight")
     for row in rows:
         t = row.get("time") or {}
         p = t.get("problems")
         if not p:
-            table.add_row(str(row.get("config")), *["-"] * 8)
+            table.add_row(str(row.get("config")), *["-"] * 9)
             continue
         wall = p["wall_s"] or None
         workers, loop = t.get("workers") or {}, t.get("loop") or {}
         table.add_row(
             str(row.get("config")), _s(p["efficiency"]),
-            *(_pct(_ratio(p[k], wall)) for k in ("critical_path_s", "queue_s", "overhead_s", "gap_s")),
+            *(_pct(_ratio(p.get(k), wall)) for k in ("critical_path_s", "queue_s", "overhead_s", "off_path_s",
+                                                      "gap_s")),
             *(_pct((workers.get(r) or {}).get("busy_share")) for r in ("small", "large")),
             _pct(loop.get("busy_share")),
         )

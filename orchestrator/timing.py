@@ -7,14 +7,16 @@ calls in which each starts after the previous one ended (the calls that had to r
 one after another; a judge and the look-ahead draft in flight together are
 alternatives, and the chain takes the one with more model time). Along that chain,
 
-    wall = model + queue + overhead + gap
+    wall = model + queue + overhead + off_path + gap
 
 - ``model``: the chain's model time (prefill and decode passes, as its workers measured them);
 - ``queue``: the chain's calls waiting inside their workers (for the engine, or for other calls' passes);
 - ``overhead``: the rest of the chain's calls' wall time (thread and process hand-offs, the event
   loop getting round to the answer, serialisation);
-- ``gap``: time with no chain call in flight (policy and session code between calls, waits on work
-  off the chain).
+- ``off_path``: time with none of the chain's calls in flight but others of the problem's (a judge
+  that waits in its engine behind the rewrite it overlaps, when the rewrite is the heavier path);
+- ``gap``: time with none of the problem's calls in flight: policy and session code between calls,
+  the event loop getting round to the next one (the orchestrator's own share of the wall).
 
 ``efficiency = model / wall``: 1 when the problem was never waiting on anything but its models.
 
@@ -90,14 +92,16 @@ class RoleTime(_Strict):
 
 
 class ProblemTime(_Strict):
-    """A problem's wall time along its critical path (see the module docstring): model + queue + overhead + gap."""
+    """A problem's wall time along its critical path (see the module docstring): model + queue + overhead +
+    off_path + gap."""
 
     wall_s: float
     critical_path_s: float = Field(description="model time of the critical path")
     critical_calls: int
     queue_s: float
     overhead_s: float
-    gap_s: float
+    off_path_s: float = Field(description="waits on the problem's calls off the critical path")
+    gap_s: float = Field(description="time with none of the problem's calls in flight")
     efficiency: float | None
     roles: dict[str, RoleTime]
 
@@ -128,18 +132,29 @@ def critical_chain(records: Sequence[CallRecord]) -> list[CallRecord]:
     return chain[::-1]
 
 
+def _covered(records: Sequence[CallRecord]) -> float:
+    """The length of the union of the calls' wall intervals: time with at least one of them in flight."""
+    total, reach = 0.0, float("-inf")
+    for r in sorted(records, key=lambda r: r.start):
+        if r.end > reach:
+            total += r.end - max(r.start, reach)
+            reach = r.end
+    return total
+
+
 def problem_time(records: Sequence[CallRecord], wall_s: float) -> ProblemTime:
     """The breakdown of one problem whose calls are ``records`` and whose wall time is ``wall_s``."""
     chain = critical_chain(records)
     model = sum(r.model_s for r in chain)
     queue = sum(r.queue_s for r in chain)
     in_calls = sum(r.wall_s for r in chain)
+    in_flight = _covered(records)
     roles: dict[str, RoleTime] = {}
     for r in records:
         roles.setdefault(r.role, RoleTime()).add(r)
     return ProblemTime(
         wall_s=wall_s, critical_path_s=model, critical_calls=len(chain), queue_s=queue,
-        overhead_s=in_calls - model - queue, gap_s=wall_s - in_calls,
+        overhead_s=in_calls - model - queue, off_path_s=in_flight - in_calls, gap_s=wall_s - in_flight,
         efficiency=model / wall_s if wall_s > 0 else None, roles=roles,
     )
 

@@ -40,7 +40,7 @@ def test_sequential_calls_make_the_whole_critical_path():
     assert t.queue_s == pytest.approx(0.1)
     assert t.overhead_s == pytest.approx(1.8 - 1.45 - 0.1)  # the calls' wall beyond model and queue
     assert t.gap_s == pytest.approx(2.5 - 1.8)
-    assert t.critical_path_s + t.queue_s + t.overhead_s + t.gap_s == pytest.approx(t.wall_s)
+    assert t.critical_path_s + t.queue_s + t.overhead_s + t.off_path_s + t.gap_s == pytest.approx(t.wall_s)
     assert t.efficiency == pytest.approx(1.45 / 2.5)
     assert t.roles["small"].calls == 2 and t.roles["small"].decode_s == pytest.approx(1.2)
     assert t.roles["large"].prefill_s == pytest.approx(0.25)
@@ -57,6 +57,20 @@ def test_calls_in_flight_together_are_alternatives_on_the_path():
     long = rec("large", 0, 3, prefill=1.0)
     shorts = [rec("small", i, i + 0.9, decode=0.8) for i in range(3)]
     assert critical_chain([long, *shorts]) == shorts
+
+
+def test_waits_on_calls_off_the_path_are_not_counted_as_time_between_calls():
+    """A step drafted beside the large model's rewrite of it (``rewrite_ahead``): the rewrite is the heavier path,
+    the judge waits in the large engine behind it and ends 10 s after it. Those 10 s are the problem waiting on a
+    call off the path, not orchestrator time: only the 0.5 s with no call in flight is gap."""
+    draft, rewrite = rec("small", 0, 10, decode=10), rec("large", 0, 30, decode=30)
+    judge = rec("large", 10, 40, prefill=5, queue=25)
+    nxt = rec("small", 40.5, 50, decode=9.5)
+    t = problem_time([draft, rewrite, judge, nxt], wall_s=50.5)
+    assert critical_chain([draft, rewrite, judge, nxt]) == [rewrite, nxt]
+    assert t.critical_path_s == pytest.approx(39.5) and t.overhead_s == pytest.approx(0)
+    assert t.off_path_s == pytest.approx(10) and t.gap_s == pytest.approx(1.0)  # 40 -> 40.5, and 50 -> 50.5
+    assert t.critical_path_s + t.queue_s + t.overhead_s + t.off_path_s + t.gap_s == pytest.approx(t.wall_s)
 
 
 def test_a_call_starting_as_another_ends_follows_it():
@@ -109,7 +123,7 @@ async def test_session_puts_every_call_on_the_timeline():
     assert t.critical_path_s == pytest.approx(0.05 + 0.02 + 0.05)
     assert t.queue_s == pytest.approx(0.03)
     assert 0 <= t.overhead_s and 0 <= t.gap_s
-    assert t.critical_path_s + t.queue_s + t.overhead_s + t.gap_s == pytest.approx(t.wall_s)
+    assert t.critical_path_s + t.queue_s + t.overhead_s + t.off_path_s + t.gap_s == pytest.approx(t.wall_s)
     assert 0 < t.efficiency <= 1
 
 
@@ -135,9 +149,10 @@ def check_run(summary: dict, records: list[dict], roles: tuple[str, ...]) -> Non
         t = r["time"]
         assert 0 < t["critical_path_s"] <= t["wall_s"], r["id"]
         assert 0 < r["efficiency"] <= 1
-        for term in ("queue_s", "overhead_s", "gap_s"):
+        for term in ("queue_s", "overhead_s", "off_path_s", "gap_s"):
             assert t[term] >= -1e-6, (term, t)
-        assert t["critical_path_s"] + t["queue_s"] + t["overhead_s"] + t["gap_s"] == pytest.approx(t["wall_s"])
+        assert t["critical_path_s"] + t["queue_s"] + t["overhead_s"] + t["off_path_s"] + t["gap_s"] == \
+            pytest.approx(t["wall_s"])
     assert set(time["calls"]) == set(roles) == set(time["workers"])
     for role in roles:
         c, w = time["calls"][role], time["workers"][role]
