@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -42,6 +43,10 @@ class DraftVerifyParams(PolicyParams):
         None, gt=0, lt=1, description="end a draft after a token whose small-model top-1 probability is under this "
                                       "(GenParams.stop_below: the small model stops in its worker where it doubts "
                                       "itself, as HF's assistant_confidence_threshold); None: always draft_tokens")
+    ahead_alternative: float | None = Field(
+        None, gt=0, le=1, description="pipelined, also draft ahead for a rejection: from the draft's least sure "
+                                      "position, when its small-model top-1 probability is under this, with the small "
+                                      "model's second choice there (DraftVerifyPolicy.alternative_ahead); None: off")
 
 
 class SerialDraftParams(DraftVerifyParams):
@@ -51,6 +56,7 @@ class SerialDraftParams(DraftVerifyParams):
     pipeline: Literal[False] = Field(False, description="this policy drafts round by round")
     draft_schedule: Literal["constant"] = Field("constant", description="this policy's draft lengths are its own")
     draft_confidence: Literal[None] = Field(None, description="this policy's drafts follow rules of their own")
+    ahead_alternative: Literal[None] = Field(None, description="this policy drafts round by round")
 
 
 def cut(session: Session, draft: Generation, n: int) -> Generation:
@@ -136,8 +142,10 @@ class DraftVerifyPolicy(Policy):
         The stop reads only the small model's own distribution at each position, so it
         keeps lossless verification lossless.
         """
-        stop = {} if self.params.draft_confidence is None else {"stop_below": self.params.draft_confidence}
-        return {**self.draft_reads(session), **stop}
+        p = self.params
+        stop = {} if p.draft_confidence is None else {"stop_below": p.draft_confidence}
+        alternatives = {} if p.ahead_alternative is None else {"logprobs": 2}  # top-2: each position's second choice
+        return {**self.draft_reads(session), **stop, **alternatives}
 
     async def round(self, session: Session, ids: Sequence[int], length: int) -> tuple[Generation, int, int | None]:
         """One round of drafts up to ``length``: (the proposal, how many of its tokens are kept, the large model's
@@ -163,10 +171,10 @@ class DraftVerifyPolicy(Policy):
                     length: int) -> asyncio.Future | None:
         """Start the next round's draft as if the large model keeps all of ``draft``, while it verifies it.
 
-        ``length`` is the next round's draft length in that case. It drafts one token more: its first token is the small model's guess
-        at the large model's next token. When the large model does keep the whole draft and
-        its next token is that guess, the rest is exactly the draft the next round would
-        make (the same context, drawn from the same q), so that round verifies at once:
+        ``length`` is the next round's draft length in that case. It drafts one token more: its first
+        token is the small model's guess at the large model's next token. When the large model does
+        keep the whole draft and its next token is that guess, the rest is exactly the draft the next
+        round would make (the same context, drawn from the same q), so that round verifies at once:
         the small model drafts while the large one verifies, as in parallel speculative
         decoding, instead of both waiting in turn. Otherwise the draft is dropped (the small
         model would have sat idle meanwhile). None when keeping ``draft`` ends the request.
@@ -178,6 +186,34 @@ class DraftVerifyPolicy(Policy):
             "small", ids=joined(ids, draft.token_ids), max_tokens=min(length + 1, room),
             **self.draft_call(session)))
 
+    def alternative_ahead(self, session: Session, ids: Sequence[int], draft: Generation,
+                          length: int) -> Alternative | None:
+        """Start the next round's draft for one way the large model may reject ``draft``, while it verifies it.
+
+        The guess (``ahead_alternative``): the large model turns the draft down at its least
+        sure position (the lowest small-model top-1 probability, when under the threshold) and
+        writes the small model's second choice there. Measured on the arith world (Consultant,
+        30 problems, rounds in turn): of 798 rejections, 63% came at that position, 51% wrote
+        that second choice, 40% both. Where the guess holds, the round after a rejection
+        verifies at once instead of waiting for a fresh draft. The draft is the one that round
+        would make (the same context, drawn from q on its own), so lossless verification stays
+        lossless; ``length`` is the current round's (``next_length`` after a rejection applies).
+        """
+        gate = self.params.ahead_alternative
+        if gate is None or not draft.logprobs:
+            return None
+        sure = [top_probability(lp) for lp in draft.logprobs]
+        at = min(range(len(sure)), key=sure.__getitem__)
+        lp = draft.logprobs[at]
+        others = {t: v for t, v in {**lp.top, lp.token_id: lp.logprob}.items() if t != draft.token_ids[at]}
+        room = session.budget_left - at - 1  # the kept tokens and the large model's token come first
+        if sure[at] >= gate or not others or room < 1:
+            return None
+        token = max(others, key=others.__getitem__)
+        n = min(self.next_length(length, len(draft.token_ids), at), room)
+        return Alternative(at, token, asyncio.ensure_future(session.generate(
+            "small", ids=joined(ids, [*draft.token_ids[:at], token]), max_tokens=n, **self.draft_call(session))))
+
     def pipelined(self, session: Session) -> bool:
         """Whether rounds overlap: ``pipeline``, by default when the two engines can work at once."""
         p = self.params.pipeline
@@ -185,11 +221,12 @@ class DraftVerifyPolicy(Policy):
 
     async def run(self, session: Session) -> None:
         """Rounds until EOS or the budget; pipelined (``pipelined``), each round's draft is made during the
-        previous round's verification when it can be (``draft_ahead``)."""
+        previous round's verification when it can be (``draft_ahead``, ``alternative_ahead``)."""
         pipelined = self.pipelined(session)
         length = self.params.draft_tokens
         ready: Generation | None = None  # this round's draft, made ahead
         ahead: asyncio.Future | None = None
+        alternative: Alternative | None = None
         try:
             while not session.finished and not session.out_of_budget:
                 ids = session.log("large")  # one shared vocabulary: the small model drafts on the same ids
@@ -198,6 +235,7 @@ class DraftVerifyPolicy(Policy):
                     n = len(draft.token_ids)
                     verifying = asyncio.ensure_future(self.verify(session, ids, draft))
                     ahead = self.draft_ahead(session, ids, draft, self.next_length(length, n, n))
+                    alternative = self.alternative_ahead(session, ids, draft, length)
                     n_keep, nxt = await verifying
                 else:
                     draft, n_keep, nxt = await self.round(session, ids, length)
@@ -209,21 +247,43 @@ class DraftVerifyPolicy(Policy):
                     session.accept_tokens("large", [nxt], scored=True,  # written through a scoring pass
                                           replaces_draft=n_keep < len(draft.token_ids))
                 ready = None
+                going_on = not session.finished and not session.out_of_budget
                 if ahead is not None:
                     kept_all = n_keep == len(draft.token_ids) and nxt is not None
-                    if kept_all and not session.finished and not session.out_of_budget:
+                    if kept_all and going_on:
                         ready = await _made_ahead(session, ahead, nxt)
                     discard(ahead)  # done with, or not needed
                     ahead = None
+                if alternative is not None:
+                    if going_on and (n_keep, nxt) == (alternative.at, alternative.token):
+                        ready = await _answer(alternative.call)
+                    discard(alternative.call)
+                    alternative = None
         finally:
-            if ahead is not None:
-                discard(ahead)
+            for call in (ahead, alternative and alternative.call):
+                if call is not None:
+                    discard(call)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A draft made ahead for the round after the large model rejects the draft at ``at`` and writes ``token``."""
+
+    at: int
+    token: int
+    call: asyncio.Future
+
+
+async def _answer(call: asyncio.Future) -> Generation | None:
+    """A draft made ahead, or None where it failed (e.g. no room left in the context: the next round's own draft
+    says so)."""
+    try:
+        return await call
+    except Exception:  # noqa: BLE001
+        return None
 
 
 async def _made_ahead(session: Session, ahead: asyncio.Future, nxt: int) -> Generation | None:
     """The draft made ahead, after its first token, if that was the large model's next token ``nxt``."""
-    try:
-        g = await ahead
-    except Exception:  # noqa: BLE001 -- e.g. no room left in the context: the next round's own draft says so
-        return None
-    return without_first(session, g) if len(g.token_ids) > 1 and g.token_ids[0] == nxt else None
+    g = await _answer(ahead)
+    return without_first(session, g) if g is not None and len(g.token_ids) > 1 and g.token_ids[0] == nxt else None

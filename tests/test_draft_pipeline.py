@@ -8,6 +8,7 @@ the real arith models in ``test_policies_real.py`` and ``test_seed_policies_loss
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 from pydantic import ValidationError
@@ -18,7 +19,8 @@ from policies.consultant import ConsultantParams
 from policies.multi_candidate import MultiCandidateParams
 from policies.specreason import SpecReasonParams
 from policies.speculative import SpeculativeParams
-from tests.scripted import ChoiceWorker, document, make_session
+from tests.scripted import EOS, ChoiceWorker, document, make_session
+from workers.protocol import TokenLogprob
 
 LARGE_DOC = "the sum 12 + 30 is 42; then 42 - 2 is 40, and 40 + 1 is 41. " * 3
 SMALL_DOC = LARGE_DOC.replace("42 - 2", "42 - 3").replace("is 41", "is 44")  # wrong in places: rejected drafts
@@ -145,11 +147,64 @@ async def test_a_pipelined_heuristic_schedule_makes_the_serial_rounds(make):
     assert rounds_without_a_draft_call(pipe_log) >= m.calls["large"] // 2
 
 
+class Unsure(ChoiceWorker):
+    """``SMALL_DOC``'s writer with top-2 logprobs: unsure (0.5) where it differs from ``LARGE_DOC``, with
+    ``second`` (by default the large document's character) as its second choice; sure (0.9) elsewhere."""
+
+    def __init__(self, second=lambda pos: LARGE_DOC[pos]):
+        super().__init__(document(SMALL_DOC, strict=False))
+        self.second = second
+
+    async def generate(self, prompt_ids, params):
+        g = await super().generate(prompt_ids, params)
+        if params.logprobs is None:
+            return g
+        start, lps = len(self._context(prompt_ids)), []
+        for i, t in enumerate(g.token_ids):
+            pos = start + i
+            unsure = t != EOS and SMALL_DOC[pos] != LARGE_DOC[pos]
+            alt = ord(self.second(pos)) if unsure else ord("?")
+            lps.append(TokenLogprob(token_id=t, logprob=math.log(0.5 if unsure else 0.9),
+                                    top={t: math.log(0.5 if unsure else 0.9), alt: math.log(0.4 if unsure else 0.05)}))
+        return g.model_copy(update={"logprobs": lps})
+
+
+@pytest.mark.parametrize("make", [ConsultantParams, SpeculativeParams])
+async def test_a_draft_made_ahead_for_a_rejection_is_the_next_round_where_the_guess_holds(make):
+    """``ahead_alternative``: beside the draft made as if the large model keeps everything, another from the
+    draft's least sure position with the small model's second choice there. Where the large model rejects there and
+    writes that token, the next round verifies at once; where it writes another, a fresh draft follows. The text is
+    the serial run's either way."""
+    async def go(params, small, log):
+        s = make_session(Logged("small", small, log), Logged("large", ChoiceWorker(document(LARGE_DOC, strict=False)),
+                                                              log), max_tokens=400)
+        await build_policy(params).run(s)
+        return s.result("p")
+
+    serial = await go(make(draft_tokens=8, pipeline=False), Unsure(), [])
+    plain_log, right_log, wrong_log = [], [], []
+    others = asyncio.all_tasks()
+    plain = await go(make(draft_tokens=8), Unsure(), plain_log)
+    right = await go(make(draft_tokens=8, ahead_alternative=0.8), Unsure(), right_log)
+    wrong = await go(make(draft_tokens=8, ahead_alternative=0.8), Unsure(second=lambda pos: "#"), wrong_log)
+    assert serial.text == plain.text == right.text == wrong.text == LARGE_DOC
+    m = serial.metrics
+    assert (right.metrics.proposed, right.metrics.accepted, right.metrics.handoffs) == (m.proposed, m.accepted,
+                                                                                         m.handoffs)
+    assert m.handoffs >= 4
+    at_once = [rounds_without_a_draft_call(log) for log in (plain_log, right_log, wrong_log)]
+    assert at_once[1] == at_once[0] + m.handoffs  # every rejection's next round was drafted ahead
+    assert at_once[2] == at_once[0]  # a wrong guess: fresh drafts, as without it
+    assert asyncio.all_tasks() - others == set()  # no draft left running
+
+
 def test_policies_whose_drafts_follow_rules_of_their_own_refuse_a_schedule():
     with pytest.raises(ValidationError, match="draft_schedule"):
         BiLDParams(draft_schedule="heuristic")
     with pytest.raises(ValidationError, match="draft_schedule"):
         ConsultantParams(draft_schedule="linear")
+    with pytest.raises(ValidationError, match="ahead_alternative"):
+        BiLDParams(ahead_alternative=0.5)
 
 
 @pytest.mark.parametrize("params", [BiLDParams, MultiCandidateParams])

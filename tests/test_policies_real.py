@@ -75,6 +75,20 @@ async def test_a_heuristic_draft_schedule_keeps_speculation_lossless_and_pipelin
     assert [r.text for r in consultant[0]] == [r.text for r in consultant[1]]
 
 
+async def test_drafts_made_ahead_for_a_rejection_change_nothing_but_time(pair):
+    """``policy.ahead_alternative``: a second draft made ahead, from the draft's least sure position with the small
+    model's second choice there, is used only where it is the next round's own draft: lossless speculation still
+    writes LargeOnly's text and Consultant its serial text."""
+    base = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
+    alt = ["policy.pipeline=true", "policy.ahead_alternative=1.0"]
+    sd = await solve_all(pair, "arith-v1/speculative", PROBLEMS, alt)
+    assert [r.text for r in sd] == [r.text for r in base]
+    serial = await solve_all(pair, "arith-v1/consultant", PROBLEMS, ["policy.pipeline=false"])
+    ahead = await solve_all(pair, "arith-v1/consultant", PROBLEMS, alt)
+    assert [r.text for r in ahead] == [r.text for r in serial]
+    assert sum(r.metrics.handoffs for r in serial) > 0
+
+
 async def test_consultant_limits(pair):
     large = await solve_all(pair, "arith-v1/large-only", PROBLEMS)
     small = await solve_all(pair, "arith-v1/small-only", PROBLEMS)
